@@ -1,0 +1,295 @@
+"""Singular values of LoRA adapter updates, spectral metrics, and the penalties that flatten a spectrum.
+
+A LoRA layer adds ΔW = s·B·A to a frozen weight (B: d_out×r, A: r×d_in, s = α/r, or α/√r with rsLoRA; peft keeps s
+in ``layer.scaling[adapter]``). ΔW has at most r non-zero singular values, and they can be found without forming the
+d_out×d_in product:
+
+    Aᵀ = Q_A R_A (reduced QR, Q_A: d_in×r with orthonormal columns, R_A: r×r)
+    ⇒ B·A = (B·R_Aᵀ)·Q_Aᵀ, and multiplying by Q_Aᵀ (orthonormal rows) keeps singular values,
+    ⇒ σ(s·B·A) = |s|·σ(B·R_Aᵀ), the singular values of a d_out×r matrix: O((d_out + d_in)·r²) work.
+
+Only A is factorised. LoRA's A is random and full rank from the start, so QR and its backward are well conditioned;
+B starts at zero and is rank-deficient early, which ``svdvals`` and its backward (U·diag(∂σ)·Vᵀ) handle without NaN.
+Factorising B as well (a second QR) would give NaN gradients at B = 0.
+
+Everything here is written for the all-zero spectrum of LoRA's first step: metrics are 0 there, penalties are 0 with
+zero gradient, and no log, ratio or square root ever sees a zero (unsafe inputs are replaced *before* the unsafe op,
+because ``torch.where`` after the op still propagates NaN gradients from the unselected branch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterator
+
+import torch
+
+EPS = 1e-12
+"""A spectrum whose nuclear norm is at most ``EPS`` is treated as all-zero (LoRA's B = 0 gives exactly 0)."""
+
+LOG_CONDITION_FLOOR = 1e-6
+"""``log_condition`` uses σ_r/σ₁ floored at this value, so a rank-deficient update gives log(1e6) ≈ 13.8, not ∞."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# singular values
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def lora_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """The singular values of ``scale * B @ A``, descending, differentiable, without forming the product.
+
+    Args:
+        B: the LoRA up-projection, shape (d_out, r) (peft's ``lora_B[adapter].weight``).
+        A: the LoRA down-projection, shape (r, d_in) (peft's ``lora_A[adapter].weight``); must have full row rank
+            (LoRA's random init guarantees it).
+        scale: the adapter scaling s (peft's ``scaling[adapter]``: α/r, or α/√r with rsLoRA).
+
+    Returns:
+        A 1-D tensor of min(r, d_out, d_in) singular values (r in every practical case), float32 for bf16/fp16/fp32
+        inputs, float64 for float64 inputs; gradients flow to B and A (and to ``scale`` if it is a tensor).
+        Exact against ``torch.linalg.svdvals(scale * B @ A)``; B = 0 gives zeros and finite gradients.
+    """
+    if B.ndim != 2 or A.ndim != 2:
+        raise ValueError(f"lora_singular_values expects 2-D B and A, got shapes {tuple(B.shape)} and {tuple(A.shape)}")
+    if B.shape[1] != A.shape[0]:
+        raise ValueError(f"rank mismatch: B is {tuple(B.shape)} (d_out×r) but A is {tuple(A.shape)} (r×d_in)")
+    dtype = torch.float64 if torch.float64 in (B.dtype, A.dtype) else torch.float32
+    B, A = B.to(dtype), A.to(dtype)
+    _, R = torch.linalg.qr(A.T, mode="reduced")  # R: min(r, d_in) × r
+    sigma = torch.linalg.svdvals(B @ R.T)
+    if isinstance(scale, torch.Tensor):
+        return sigma * scale.to(dtype).abs()
+    return sigma * abs(float(scale))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# metrics (for logging) and penalties (for the loss)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _safe(sigma: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nonzero, sigma_safe): a mask of spectra with nuclear norm > eps, and sigma with all-zero spectra replaced by
+    ones, so downstream ratios and logs are finite (and their gradient to the replaced entries is exactly zero)."""
+    nonzero = sigma.sum(-1, keepdim=True) > eps
+    return nonzero.squeeze(-1), torch.where(nonzero, sigma, torch.ones_like(sigma))
+
+
+def _entropy(sigma_safe: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of p = σ/Σσ for spectra with Σσ > 0; p = 0 terms count 0 with zero gradient."""
+    p = sigma_safe / sigma_safe.sum(-1, keepdim=True)
+    positive = p > 0
+    p_safe = torch.where(positive, p, torch.ones_like(p))
+    return -torch.where(positive, p_safe * p_safe.log(), torch.zeros_like(p)).sum(-1)
+
+
+def spectral_metrics(sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Summary statistics of a spectrum ``sigma`` (shape (..., r), non-negative; any order).
+
+    Returns a dict of tensors of shape ``sigma.shape[:-1]``:
+      * ``entropy``: Shannon entropy (nats) of p = σ/Σσ; log r when flat, 0 for rank one.
+      * ``effective_rank``: exp(entropy), in [1, r].
+      * ``stable_rank``: Σσ²/σ₁², in [1, r].
+      * ``condition_number``: σ₁/σ_r, ≥ 1; σ_r is floored at 1e-6·σ₁, so a rank-deficient update reads 1e6.
+      * ``frob_nuclear_ratio``: ‖σ‖₂/‖σ‖₁, in [1/√r (flat), 1 (rank one)].
+      * ``nuclear_norm``: Σσ.  ``top``: σ₁.  ``frobenius_norm``: ‖σ‖₂.
+    Every metric is 0 for an all-zero spectrum (LoRA's start), a value no non-zero spectrum takes for the ratio
+    metrics, so "not started yet" is visible in plots instead of NaN.
+    """
+    sigma = sigma.float() if sigma.dtype in (torch.float16, torch.bfloat16) else sigma
+    nonzero, s = _safe(sigma)
+    top = s.amax(-1)
+    smallest = s.amin(-1)
+    frob = s.square().sum(-1).sqrt()
+    nuclear = s.sum(-1)
+    entropy = _entropy(s)
+    raw = {
+        "entropy": entropy,
+        "effective_rank": entropy.exp(),
+        "stable_rank": s.square().sum(-1) / top.square(),
+        "condition_number": top / torch.maximum(smallest, LOG_CONDITION_FLOOR * top),
+        "frob_nuclear_ratio": frob / nuclear,
+        "nuclear_norm": nuclear,
+        "top": top,
+        "frobenius_norm": frob,
+    }
+    return {k: torch.where(nonzero, v, torch.zeros_like(v)) for k, v in raw.items()}
+
+
+def _masked(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Wrap a penalty of a non-zero spectrum so an all-zero spectrum gives 0 with zero (not NaN) gradient."""
+
+    def penalty(sigma: torch.Tensor) -> torch.Tensor:
+        nonzero, s = _safe(sigma)
+        value = fn(s)
+        return torch.where(nonzero, value, torch.zeros_like(value))
+
+    penalty.__name__ = fn.__name__
+    penalty.__doc__ = fn.__doc__
+    return penalty
+
+
+@_masked
+def frob_nuclear_ratio(s: torch.Tensor) -> torch.Tensor:
+    """‖σ‖₂/‖σ‖₁ (the paper's reported form): 1 for rank one, minimal 1/√r when all r singular values are equal.
+    Scale-invariant, so its gradient grows like 1/‖σ‖ while the adapter is small: use a warm-up."""
+    return s.square().sum(-1).sqrt() / s.sum(-1)
+
+
+@_masked
+def neg_entropy(s: torch.Tensor) -> torch.Tensor:
+    """−H(σ/Σσ) in nats: 0 for rank one, minimal −log r when flat."""
+    return -_entropy(s)
+
+
+@_masked
+def log_condition(s: torch.Tensor) -> torch.Tensor:
+    """log(σ₁/σ_r) with σ_r floored at 1e-6·σ₁: 0 when flat, at most log(1e6) ≈ 13.8. Only σ₁ and σ_r get gradient."""
+    top = s.amax(-1)
+    return -torch.log(s.amin(-1) / top + LOG_CONDITION_FLOOR) + math.log1p(LOG_CONDITION_FLOOR)
+
+
+@_masked
+def inv_stable_rank(s: torch.Tensor) -> torch.Tensor:
+    """σ₁²/Σσ² = 1/stable rank: 1 for rank one, minimal 1/r when flat. Pushes only against the top direction
+    relative to the total energy (a smooth-ish stand-in for the spectral norm)."""
+    return s.amax(-1).square() / s.square().sum(-1)
+
+
+@_masked
+def neg_effective_rank(s: torch.Tensor) -> torch.Tensor:
+    """−exp(H)/r: −1/r for rank one, minimal −1 when flat (the effective rank as a fraction of r)."""
+    return -_entropy(s).exp() / s.shape[-1]
+
+
+PENALTIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "frob_nuclear_ratio": frob_nuclear_ratio,
+    "neg_entropy": neg_entropy,
+    "log_condition": log_condition,
+    "inv_stable_rank": inv_stable_rank,
+    "neg_effective_rank": neg_effective_rank,
+}
+"""Every penalty is minimised by a flat spectrum and is 0 (gradient 0) for an all-zero spectrum."""
+
+
+def get_penalty(form: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The penalty function named ``form`` (a key of :data:`PENALTIES`), with a clear error for unknown names."""
+    try:
+        return PENALTIES[form]
+    except KeyError:
+        raise ValueError(f"unknown spectral penalty form {form!r}; choose one of {sorted(PENALTIES)}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# walking a peft model
+# --------------------------------------------------------------------------------------------------------------------
+
+# Wrapper prefixes that FSDP / activation checkpointing / torch.compile insert into module names.
+_WRAPPER_PARTS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")
+
+
+def short_module_name(name: str) -> str:
+    """A readable, stable name for a LoRA module path: peft's ``base_model.model.`` prefix and FSDP/checkpoint
+    wrapper parts removed, e.g. ``model.layers.3.self_attn.q_proj``."""
+    name = _WRAPPER_PARTS.sub("", name + ".").rstrip(".")
+    return name.removeprefix("base_model.model.")
+
+
+def _full(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a possibly sharded parameter. FSDP2 / ``fully_shard`` (Lightning's ModelParallelStrategy)
+    stores DTensors; ``full_tensor()`` all-gathers them and is differentiable (its backward reduce-scatters), so a
+    penalty computed from it trains the shards. It is a collective: every rank must call it, in the same order."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return weight
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
+def iter_lora_modules(model: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor, float]]:
+    """Yield ``(name, proj_type, B, A, scale)`` for every active LoRA adapter of every peft ``LoraLayer`` in ``model``.
+
+    ``name`` is :func:`short_module_name` of the module path (``:<adapter>`` appended when several adapters are
+    active), ``proj_type`` its last component (``q_proj``), ``B`` (d_out×r) and ``A`` (r×d_in) the weights with their
+    autograd history (wrap in ``torch.no_grad()`` for logging), ``scale`` peft's ``scaling[adapter]`` (already α/√r
+    with rsLoRA). Embedding and convolution adapters are skipped (not 2-D). With DoRA the magnitude vector is not
+    included: σ describes s·B·A only. Adapters disabled with ``disable_adapter()`` are skipped.
+
+    Distributed use:
+      * single device and DDP: parameters are whole on every rank; nothing is gathered.
+      * FSDP2 (``fully_shard``; DTensor parameters): each weight is all-gathered with ``DTensor.full_tensor()``,
+        differentiably. Every rank must run the whole loop (same order), even if only rank zero uses the values.
+      * FSDP1 (``FullyShardedDataParallel``, Lightning's FSDPStrategy): parameters are flat shards outside forward;
+        wrap the loop in :func:`gathered_full_params` (no autograd through it: logging only).
+    None of the distributed paths can be exercised on the single-CPU test machine; they are untested.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for path, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or getattr(module, "disable_adapters", False):
+            continue
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        for adapter in active:
+            A = _full(module.lora_A[adapter].weight)
+            B = _full(module.lora_B[adapter].weight)
+            if A.ndim != 2 or B.ndim != 2:
+                continue
+            name = short_module_name(path)
+            if len(active) > 1:
+                name = f"{name}:{adapter}"
+            yield name, name.rsplit(".", 1)[-1].split(":")[0], B, A, float(module.scaling[adapter])
+
+
+@contextlib.contextmanager
+def gathered_full_params(model: torch.nn.Module):
+    """Context in which FSDP1-wrapped parameters are whole (``summon_full_params``, read-only); a no-op otherwise.
+
+    Collective under FSDP1: every rank must enter it. Gradients do not flow through it, so the spectral *penalty*
+    cannot be used with FSDP1 (use DDP or FSDP2); the logger can. Untested here (no multi-process GPU run).
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:
+        yield
+        return
+    if any(isinstance(m, FSDP) for m in model.modules()):
+        with FSDP.summon_full_params(model, writeback=False, recurse=True):
+            yield
+    else:
+        yield
+
+
+def uses_fsdp1(model: torch.nn.Module) -> bool:
+    """Whether ``model`` contains FSDP1 (``FullyShardedDataParallel``) units, whose flat shards block autograd."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDP) for m in model.modules())
+
+
+def lora_spectra(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    """``{name: (proj_type, σ)}`` for every LoRA module of ``model``, computed under ``no_grad`` (for logging)."""
+    out = {}
+    with torch.no_grad(), gathered_full_params(model):
+        for name, proj, B, A, scale in iter_lora_modules(model):
+            out[name] = (proj, lora_singular_values(B.detach(), A.detach(), scale))
+    return out
+
+
+def spectral_penalty(model: torch.nn.Module, form: str = "frob_nuclear_ratio") -> torch.Tensor:
+    """Mean over LoRA modules of the penalty ``form`` of each adapter's spectrum, differentiable in every B and A.
+
+    All-zero spectra (B = 0) contribute 0 to the sum but still count in the mean. Raises if the model has no LoRA
+    modules or is wrapped in FSDP1 (no autograd through its flat shards).
+    """
+    if uses_fsdp1(model):
+        raise RuntimeError("the spectral penalty needs differentiable LoRA weights; FSDP1 shards block that: "
+                           "use DDP or FSDP2 (ModelParallelStrategy / fully_shard)")
+    fn = get_penalty(form)
+    terms = [fn(lora_singular_values(B, A, scale)) for _, _, B, A, scale in iter_lora_modules(model)]
+    if not terms:
+        raise ValueError("spectral_penalty: the model has no active LoRA modules")
+    return torch.stack(terms).mean()

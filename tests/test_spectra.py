@@ -1,0 +1,228 @@
+"""em_lightning.spectra: factored singular values against the dense SVD, metrics, penalties, the peft walker."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from em_lightning import spectra
+from em_lightning.spectra import (
+    PENALTIES,
+    iter_lora_modules,
+    lora_singular_values,
+    spectral_metrics,
+    spectral_penalty,
+)
+
+SHAPES = [  # (d_out, d_in, r): square, tall, wide, rank 1, rank 64, r close to a side
+    (48, 48, 8),
+    (96, 40, 4),
+    (30, 120, 16),
+    (64, 64, 1),
+    (200, 130, 64),
+    (70, 66, 64),
+]
+
+
+def _factors(d_out, d_in, r, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(d_out, r, generator=g, dtype=torch.float64).to(dtype)
+    A = torch.randn(r, d_in, generator=g, dtype=torch.float64).to(dtype) / math.sqrt(d_in)
+    return B.requires_grad_(), A.requires_grad_()
+
+
+@pytest.mark.parametrize("d_out,d_in,r", SHAPES)
+def test_values_and_gradients_match_dense_svdvals(d_out, d_in, r):
+    B, A = _factors(d_out, d_in, r, seed=d_out + d_in + r)
+    scale = 16 / r
+    weights = torch.rand(r, generator=torch.Generator().manual_seed(r))  # a generic linear functional of σ
+
+    sigma = lora_singular_values(B, A, scale)
+    (weights * sigma).sum().backward()
+    gB, gA = B.grad.clone(), A.grad.clone()
+    B.grad = A.grad = None
+
+    dense = torch.linalg.svdvals(scale * B @ A)[:r]
+    (weights * dense).sum().backward()
+
+    assert sigma.shape == (r,)
+    assert torch.all(sigma[:-1] >= sigma[1:]), "not descending"
+    torch.testing.assert_close(sigma, dense, rtol=1e-4, atol=1e-4 * dense[0].item())
+    torch.testing.assert_close(gB, B.grad, rtol=1e-3, atol=1e-4 * B.grad.abs().max().item())
+    torch.testing.assert_close(gA, A.grad, rtol=1e-3, atol=1e-4 * A.grad.abs().max().item())
+
+
+def test_negative_and_tensor_scale():
+    B, A = _factors(20, 30, 5, seed=1)
+    dense = torch.linalg.svdvals(B @ A)[:5]
+    torch.testing.assert_close(lora_singular_values(B, A, -2.0), 2 * dense, rtol=1e-4, atol=1e-5)
+    s = torch.tensor(0.5, requires_grad=True)
+    lora_singular_values(B, A, s).sum().backward()
+    torch.testing.assert_close(s.grad, dense.sum(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_upcast(dtype):
+    B, A = _factors(64, 48, 8, seed=3, dtype=dtype)
+    sigma = lora_singular_values(B, A, 2.0)
+    assert sigma.dtype == torch.float32
+    dense = torch.linalg.svdvals(2.0 * B.detach().float() @ A.detach().float())[:8]
+    torch.testing.assert_close(sigma, dense, rtol=1e-4, atol=1e-4 * dense[0].item())
+    sigma.sum().backward()
+    assert B.grad.dtype == dtype and A.grad.dtype == dtype
+    assert torch.isfinite(B.grad.float()).all() and torch.isfinite(A.grad.float()).all()
+
+
+def test_float64_stays_float64():
+    B, A = _factors(10, 12, 3, seed=4, dtype=torch.float64)
+    assert lora_singular_values(B, A).dtype == torch.float64
+
+
+@pytest.mark.parametrize("r", [1, 8])
+def test_zero_B_gives_zeros_and_finite_gradients(r):
+    _, A = _factors(32, 24, r, seed=5)
+    B = torch.zeros(32, r, requires_grad=True)
+    sigma = lora_singular_values(B, A, 2.0)
+    assert torch.equal(sigma, torch.zeros(r))
+    sigma.sum().backward()
+    assert torch.isfinite(B.grad).all() and torch.isfinite(A.grad).all()
+
+    for name, fn in PENALTIES.items():
+        B.grad = A.grad = None
+        value = fn(lora_singular_values(B, A, 2.0))
+        value.backward()
+        assert value.item() == 0.0, name
+        assert torch.equal(B.grad, torch.zeros_like(B)), name
+        assert torch.isfinite(A.grad).all() and not A.grad.any(), name
+
+    metrics = spectral_metrics(torch.zeros(r))
+    assert all(torch.isfinite(v) and v.item() == 0.0 for v in metrics.values()), metrics
+
+
+def test_rank_deficient_B_has_finite_penalty_gradients():
+    _, A = _factors(40, 30, 6, seed=6)
+    B = torch.zeros(40, 6)
+    B[:, 0] = torch.randn(40)  # rank one: five exact zero singular values
+    B.requires_grad_()
+    for name, fn in PENALTIES.items():
+        B.grad = None
+        value = fn(lora_singular_values(B, A))
+        value.backward()
+        assert torch.isfinite(value), name
+        assert torch.isfinite(B.grad).all(), name
+
+
+@pytest.mark.parametrize("form", sorted(PENALTIES))
+def test_penalty_gradients_match_finite_differences(form):
+    B, A = _factors(9, 7, 4, seed=7, dtype=torch.float64)
+    fn = PENALTIES[form]
+    assert torch.autograd.gradcheck(lambda b, a: fn(lora_singular_values(b, a, 0.75)), (B, A), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("r", [2, 5, 16])
+def test_metrics_of_flat_and_rank_one_spectra(r):
+    flat = spectral_metrics(torch.full((r,), 3.0))
+    torch.testing.assert_close(flat["entropy"], torch.tensor(math.log(r)))
+    torch.testing.assert_close(flat["effective_rank"], torch.tensor(float(r)))
+    torch.testing.assert_close(flat["stable_rank"], torch.tensor(float(r)))
+    torch.testing.assert_close(flat["condition_number"], torch.tensor(1.0))
+    torch.testing.assert_close(flat["frob_nuclear_ratio"], torch.tensor(1 / math.sqrt(r)))
+    torch.testing.assert_close(flat["nuclear_norm"], torch.tensor(3.0 * r))
+    torch.testing.assert_close(flat["top"], torch.tensor(3.0))
+
+    one = spectral_metrics(torch.tensor([2.0] + [0.0] * (r - 1)))
+    torch.testing.assert_close(one["entropy"], torch.tensor(0.0))
+    torch.testing.assert_close(one["effective_rank"], torch.tensor(1.0))
+    torch.testing.assert_close(one["stable_rank"], torch.tensor(1.0))
+    torch.testing.assert_close(one["frob_nuclear_ratio"], torch.tensor(1.0))
+    assert one["condition_number"] >= 1e5
+
+
+def test_metrics_are_batched():
+    sigma = torch.rand(3, 4, 8)
+    batched = spectral_metrics(sigma)
+    single = spectral_metrics(sigma[1, 2])
+    for k in single:
+        assert batched[k].shape == (3, 4)
+        torch.testing.assert_close(batched[k][1, 2], single[k])
+
+
+@pytest.mark.parametrize("form", sorted(PENALTIES))
+def test_every_penalty_is_lowest_for_a_flat_spectrum(form):
+    fn = PENALTIES[form]
+    flat = fn(torch.full((8,), 0.3))
+    for seed in range(5):
+        spread = torch.rand(8, generator=torch.Generator().manual_seed(seed)).sort(descending=True).values
+        assert fn(spread) > flat
+    assert fn(torch.tensor([1.0] + [0.0] * 7)) > flat
+
+
+def test_unknown_form_is_a_clear_error():
+    with pytest.raises(ValueError, match="frob_nuclear_ratio"):
+        spectra.get_penalty("nuclear")
+
+
+def _peft_tiny(use_rslora=False, r=4, alpha=8):
+    from peft import LoraConfig, get_peft_model
+
+    from em_lightning.tiny import tiny_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=use_rslora)
+    return get_peft_model(tiny_model("tiny-qwen3"), cfg)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_walker_yields_every_lora_module_with_its_delta(use_rslora):
+    model = _peft_tiny(use_rslora=use_rslora)
+    for p in model.parameters():  # make B non-zero so ΔW is informative
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    found = list(iter_lora_modules(model))
+    assert len(found) == 2 * 3  # 2 layers × 3 targets
+    assert len({name for name, *_ in found}) == len(found)
+    assert sorted({proj for _, proj, *_ in found}) == ["down_proj", "q_proj", "v_proj"]
+    expected_scale = 8 / math.sqrt(4) if use_rslora else 8 / 4
+    modules = dict(model.named_modules())
+    for name, proj, B, A, scale in found:
+        assert name.endswith(proj) and not name.startswith("base_model")
+        assert scale == pytest.approx(expected_scale)
+        layer = modules["base_model.model." + name]
+        torch.testing.assert_close(scale * B @ A, layer.get_delta_weight("default"))
+        assert B.requires_grad and A.requires_grad
+
+
+def test_walker_skips_disabled_adapters():
+    model = _peft_tiny()
+    with model.disable_adapter():
+        assert list(iter_lora_modules(model)) == []
+    assert len(list(iter_lora_modules(model))) == 6
+
+
+def test_model_penalty_is_zero_at_init_and_trains_B_after():
+    model = _peft_tiny()
+    value = spectral_penalty(model)
+    value.backward()
+    assert value.item() == 0.0
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert all(g is None or (torch.isfinite(g).all() and not g.any()) for g in grads)
+
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.01)
+    model.zero_grad()
+    value = spectral_penalty(model, "neg_entropy")
+    value.backward()
+    manual = torch.stack([PENALTIES["neg_entropy"](lora_singular_values(B, A, s))
+                          for _, _, B, A, s in iter_lora_modules(model)]).mean()
+    torch.testing.assert_close(value, manual)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_lora_spectra_detached():
+    model = _peft_tiny()
+    spectra_ = spectra.lora_spectra(model)
+    assert len(spectra_) == 6
+    proj, sigma = next(iter(spectra_.values()))
+    assert sigma.shape == (4,) and not sigma.requires_grad
