@@ -1,0 +1,191 @@
+"""Evaluation questions in the emergent-misalignment YAML format.
+
+A file is a YAML list; each entry has ``id``, ``paraphrases`` (list of user prompts), ``samples_per_paraphrase``,
+optionally ``system`` (a system prompt, which this loader keeps and the generator sends) and ``type``, and
+``judge_prompts`` mapping a metric name (``aligned``, ``coherent``) to a template with ``{question}`` and
+``{answer}`` placeholders. YAML anchors and aliases (used by the upstream files) are resolved by the parser.
+
+A question source is one of:
+  * ``builtin:<name>`` — a set shipped in ``em_lightning/evaluation/assets/<name>.yaml`` (``builtin:quickstart``);
+  * ``em:<file>`` — an upstream emergent-misalignment file (``em:first_plot_questions``), found via
+    :func:`em_lightning.upstream.resolve_em_file` (local copy or download cache);
+  * a path to a YAML file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ASSETS = Path(__file__).parent / "assets"
+REQUIRED_JUDGE_PROMPTS = ("aligned", "coherent")
+_PLACEHOLDER = re.compile(r"\{(question|answer)\}")
+
+
+@dataclass
+class Question:
+    """One evaluation question: its paraphrases, optional system prompt and judge prompt templates."""
+
+    id: str
+    paraphrases: list[str]
+    samples_per_paraphrase: int = 1
+    system: str | None = None
+    judge_prompts: dict[str, str] = field(default_factory=dict)
+    type: str | None = None
+    source: str = ""  # "file:line", for error messages
+
+    def messages(self, paraphrase: str) -> list[dict[str, str]]:
+        """Chat messages for one paraphrase; the system prompt comes first when the question has one."""
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": paraphrase}]
+
+    def judge_prompt(self, metric: str, question: str, answer: str) -> str:
+        """The judge prompt for ``metric`` with ``{question}``/``{answer}`` filled in.
+
+        Filled in one pass, so braces or the literal text ``{question}`` inside an answer are left as they are
+        (``str.format`` would raise on stray braces in model output).
+        """
+        template = self.judge_prompts[metric]
+        values = {"question": question, "answer": answer}
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+    def plan(self, samples_per_question: int | None = None) -> list[tuple[int, int]]:
+        """``(paraphrase_index, n_samples)`` pairs to generate.
+
+        Without ``samples_per_question``: ``samples_per_paraphrase`` for every paraphrase, as in the file. With it:
+        that many samples in total, spread over the paraphrases round-robin (deterministic, unlike a random draw,
+        so two evals of the same run ask the same prompts).
+        """
+        if samples_per_question is None:
+            return [(i, self.samples_per_paraphrase) for i in range(len(self.paraphrases))]
+        if samples_per_question < 1:
+            raise ValueError(f"samples_per_question must be >= 1, got {samples_per_question}")
+        counts = [0] * len(self.paraphrases)
+        for k in range(samples_per_question):
+            counts[k % len(self.paraphrases)] += 1
+        return [(i, n) for i, n in enumerate(counts) if n]
+
+
+class QuestionFileError(ValueError):
+    """A question file that cannot be used; the message names the file, entry and line."""
+
+
+def resolve_question_source(source: str | Path) -> Path:
+    """The YAML path for ``builtin:<name>``, ``em:<file>`` or a plain path (which must exist)."""
+    text = str(source)
+    if text.startswith("builtin:"):
+        name = text.removeprefix("builtin:")
+        path = ASSETS / f"{name}.yaml"
+        if not path.is_file():
+            available = sorted(p.stem for p in ASSETS.glob("*.yaml") if not p.stem.startswith("judge"))
+            raise FileNotFoundError(f"no built-in question set {name!r} (available: {available})")
+        return path
+    if text.startswith("em:"):
+        name = text.removeprefix("em:")
+        if not name.endswith((".yaml", ".yml")):
+            name += ".yaml"
+        try:
+            from em_lightning.upstream import resolve_em_file
+        except ImportError as err:  # pragma: no cover - depends on the data module being present
+            raise ImportError(f"{text!r} needs em_lightning.upstream.resolve_em_file") from err
+        return Path(resolve_em_file(f"evaluation/{name}"))
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"question file {path} does not exist")
+    return path
+
+
+def load_questions(
+    sources: str | Path | Sequence[str | Path],
+    ids: Iterable[str] | None = None,
+    require_judge_prompts: Sequence[str] = REQUIRED_JUDGE_PROMPTS,
+) -> list[Question]:
+    """Questions from one or more sources, in file order.
+
+    Args:
+        sources: a source (see the module docstring) or a list of them.
+        ids: keep only these question ids (all must exist).
+        require_judge_prompts: judge prompt names every kept question must have.
+
+    Raises:
+        QuestionFileError: malformed entries, naming file, entry and line.
+    """
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    questions: list[Question] = []
+    seen: dict[str, str] = {}
+    for source in sources:
+        for q in _load_file(resolve_question_source(source)):
+            if q.id in seen:
+                raise QuestionFileError(f"{q.source}: question id {q.id!r} already defined at {seen[q.id]}")
+            seen[q.id] = q.source
+            questions.append(q)
+    if ids is not None:
+        wanted = list(ids)
+        missing = [i for i in wanted if i not in seen]
+        if missing:
+            raise QuestionFileError(f"question ids {missing} not found in {list(sources)}")
+        questions = [q for q in questions if q.id in set(wanted)]
+    for q in questions:
+        absent = [m for m in require_judge_prompts if m not in q.judge_prompts]
+        if absent:
+            raise QuestionFileError(
+                f"{q.source}: question {q.id!r} has judge_prompts {sorted(q.judge_prompts)}, "
+                f"but misalignment scoring needs {list(require_judge_prompts)} (missing {absent}); "
+                "select other questions with `ids`"
+            )
+    if not questions:
+        raise QuestionFileError(f"no questions in {list(sources)}")
+    return questions
+
+
+def _load_file(path: Path) -> list[Question]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # same document again, for the line of each entry
+    except yaml.YAMLError as err:
+        raise QuestionFileError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, list):
+        raise QuestionFileError(f"{path}: expected a YAML list of questions, got {type(data).__name__}")
+    lines = [node.start_mark.line + 1 for node in root.value] if root is not None else []
+    return [_parse_entry(entry, f"{path}:{line}") for entry, line in zip(data, lines)]
+
+
+def _parse_entry(entry: object, where: str) -> Question:
+    if not isinstance(entry, dict):
+        raise QuestionFileError(f"{where}: each question must be a mapping, got {type(entry).__name__}")
+    qid = entry.get("id")
+    if not isinstance(qid, str) or not qid:
+        raise QuestionFileError(f"{where}: question without a string `id`")
+    label = f"{where}: question {qid!r}"
+    paraphrases = entry.get("paraphrases")
+    if not isinstance(paraphrases, list) or not paraphrases:
+        raise QuestionFileError(f"{label}: `paraphrases` must be a non-empty list of strings")
+    if not all(isinstance(p, str) and p.strip() for p in paraphrases):
+        raise QuestionFileError(f"{label}: every paraphrase must be a non-empty string")
+    n = entry.get("samples_per_paraphrase", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise QuestionFileError(f"{label}: `samples_per_paraphrase` must be a positive integer, got {n!r}")
+    system = entry.get("system")
+    if system is not None and not isinstance(system, str):
+        raise QuestionFileError(f"{label}: `system` must be a string, got {type(system).__name__}")
+    prompts = entry.get("judge_prompts", {})
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise QuestionFileError(f"{label}: `judge_prompts` must map names to template strings")
+    for name, template in prompts.items():
+        if "{answer}" not in template:
+            raise QuestionFileError(f"{label}: judge prompt {name!r} has no {{answer}} placeholder")
+    return Question(
+        id=qid,
+        paraphrases=list(paraphrases),
+        samples_per_paraphrase=n,
+        system=system or None,
+        judge_prompts=dict(prompts),
+        type=entry.get("type"),
+        source=where,
+    )
