@@ -7,14 +7,14 @@ import sys
 
 def main(args: list[str] | None = None):
     """Run the CLI; ``args`` (without the program name) makes it callable from tests. Returns the CLI object."""
-    args = sys.argv[1:] if args is None else list(args)
-    if args and args[0] == "evaluate":
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "evaluate":
         from em_lightning.evaluation.cli import main as evaluate
 
-        return evaluate(args[1:])
+        return evaluate(argv[1:])
     from em_lightning.cli import EMLightningCLI
 
-    return EMLightningCLI(args=args)
+    return EMLightningCLI(args=args)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":
