@@ -57,9 +57,11 @@ def lora_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float | torch.
     if B.shape[1] != A.shape[0]:
         raise ValueError(f"rank mismatch: B is {tuple(B.shape)} (d_out×r) but A is {tuple(A.shape)} (r×d_in)")
     dtype = torch.float64 if torch.float64 in (B.dtype, A.dtype) else torch.float32
-    B, A = B.to(dtype), A.to(dtype)
-    _, R = torch.linalg.qr(A.T, mode="reduced")  # R: min(r, d_in) × r
-    sigma = torch.linalg.svdvals(B @ R.T)
+    # Autocast (bf16-mixed / 16-mixed training) would run B @ Rᵀ in half precision; this must stay in `dtype`.
+    with torch.autocast(device_type=B.device.type, enabled=False):
+        B, A = B.to(dtype), A.to(dtype)
+        _, R = torch.linalg.qr(A.T, mode="reduced")  # R: min(r, d_in) × r
+        sigma = torch.linalg.svdvals(B @ R.T)
     if isinstance(scale, torch.Tensor):
         return sigma * scale.to(dtype).abs()
     return sigma * abs(float(scale))
