@@ -226,3 +226,12 @@ def test_lora_spectra_detached():
     assert len(spectra_) == 6
     proj, sigma = next(iter(spectra_.values()))
     assert sigma.shape == (4,) and not sigma.requires_grad
+
+
+def test_autocast_does_not_lower_precision():
+    B, A = _factors(64, 48, 8, seed=8)
+    expected = lora_singular_values(B, A)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lora_singular_values(B, A)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
