@@ -65,6 +65,8 @@ class LoRAFineTune(L.LightningModule):
         if self.model is not None:  # idempotent: Lightning may call it more than once
             return
         self.model = apply_lora(load_model(self.base), self.lora)
+        # from_pretrained returns eval mode and Lightning keeps sub-module modes: without this, LoRA dropout is off.
+        self.model.train()
 
     @property
     def tokenizer(self):

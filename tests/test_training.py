@@ -86,3 +86,14 @@ def test_resume_gives_the_uninterrupted_loss(run_cli, optim, tmp_path):
     got = find(resumed.trainer, LossRecorder).losses
     assert list(got) == [k + 1]
     assert got[k + 1] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_saved_config_reruns_and_validate_runs(run_cli):
+    first = run_cli("fit", "--config", "configs/tiny.yaml", "--trainer.max_steps", "2")
+    saved = Path(first.trainer.log_dir) / "config.yaml"
+    again = run_cli("fit", "--config", str(saved))
+    assert again.trainer.global_step == 2
+    assert Path(again.trainer.log_dir) != Path(first.trainer.log_dir)  # a new version dir, nothing overwritten
+    ckpt = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    validated = run_cli("validate", "--config", "configs/tiny.yaml", "--ckpt_path", str(ckpt))
+    assert "val/loss" in validated.trainer.callback_metrics
