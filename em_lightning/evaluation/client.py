@@ -1,0 +1,151 @@
+"""A small client for OpenAI-compatible HTTP endpoints (vLLM, hosted APIs): timeouts and bounded retries everywhere.
+
+Every request has a timeout; transient failures (connection errors, timeouts, HTTP 429 and 5xx) are retried a
+bounded number of times with exponential backoff; other HTTP errors and malformed JSON raise at once. A shared
+``threading.Event`` lets a caller abandon an eval between requests (e.g. when it hangs past its deadline).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+class EndpointError(RuntimeError):
+    """A request that failed for good (after retries), or an answer that is not what the API promises."""
+
+
+class Cancelled(EndpointError):
+    """The caller's cancel event was set."""
+
+
+class OpenAIClient:
+    """Thread-safe JSON client for one base URL.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000`` (with or without a trailing ``/v1``; paths below add it).
+        api_key_env: name of an environment variable holding the API key, sent as a bearer token. The key itself
+            is never stored in config, logged, or put in an exception message.
+        timeout_s: per-request timeout (connect, read, write).
+        max_retries: retries after the first attempt for transient failures.
+        cancel: when set, requests raise :class:`Cancelled` before they start and between retries.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key_env: str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        cancel: threading.Event | None = None,
+    ):
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.max_retries = max_retries
+        self.cancel = cancel or threading.Event()
+        headers = {}
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise EndpointError(f"environment variable {api_key_env!r} (judge/api key) is not set or empty")
+            headers["Authorization"] = f"Bearer {key}"
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+
+    def __repr__(self) -> str:  # never show headers
+        return f"OpenAIClient({self.base_url!r})"
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def request(
+        self, method: str, path: str, payload: dict | None = None, retries: int | None = None, json_answer: bool = True
+    ) -> Any:
+        """Body of ``method path`` (parsed JSON, or text with ``json_answer=False``) with bounded retries.
+
+        Raises :class:`EndpointError` when it cannot.
+        """
+        attempts = 1 + (self.max_retries if retries is None else retries)
+        last: str = ""
+        for attempt in range(attempts):
+            if self.cancel.is_set():
+                raise Cancelled(f"{method} {path}: cancelled")
+            try:
+                response = self._http.request(method, path, json=payload)
+            except httpx.TransportError as err:  # connection refused/reset, timeouts
+                last = f"{type(err).__name__}: {err}"
+            else:
+                if response.status_code == 429 or response.status_code >= 500:
+                    last = f"HTTP {response.status_code}: {response.text[:300]}"
+                elif response.status_code >= 400:
+                    raise EndpointError(f"{method} {self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}")
+                elif not json_answer:
+                    return response.text
+                else:
+                    try:
+                        return response.json()
+                    except ValueError as err:
+                        raise EndpointError(f"{method} {self.base_url}{path}: answer is not JSON: {response.text[:200]!r}") from err
+            if attempt + 1 < attempts:
+                delay = min(8.0, 0.5 * 2**attempt)
+                log.debug("%s %s failed (%s); retry %d in %.1fs", method, path, last, attempt + 1, delay)
+                if self.cancel.wait(delay):
+                    raise Cancelled(f"{method} {path}: cancelled")
+        raise EndpointError(f"{method} {self.base_url}{path}: failed after {attempts} attempts: {last}")
+
+    def post(self, path: str, payload: dict, retries: int | None = None, json_answer: bool = True) -> Any:
+        """POST JSON, see :meth:`request`."""
+        return self.request("POST", path, payload, retries, json_answer)
+
+    def get(self, path: str, retries: int | None = None) -> Any:
+        """GET, see :meth:`request`."""
+        return self.request("GET", path, None, retries)
+
+    def list_models(self) -> list[dict]:
+        """``/v1/models`` entries."""
+        data = self.get("/v1/models")
+        try:
+            return list(data["data"])
+        except (KeyError, TypeError) as err:
+            raise EndpointError(f"{self.base_url}/v1/models: unexpected answer {str(data)[:200]}") from err
+
+    def base_model_name(self) -> str:
+        """The served base model's name (the entry without a parent adapter)."""
+        models = self.list_models()
+        bases = [m["id"] for m in models if not m.get("parent")]
+        if not bases:
+            raise EndpointError(f"{self.base_url}/v1/models lists no base model: {models}")
+        return bases[0]
+
+    def chat(self, model: str, messages: list[dict], **params: Any) -> dict:
+        """``/v1/chat/completions``; checks that the answer has ``choices``."""
+        data = self.post("/v1/chat/completions", {"model": model, "messages": messages, **params})
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+            raise EndpointError(f"{self.base_url}/v1/chat/completions: no choices in answer {str(data)[:300]}")
+        return data
+
+    def chat_texts(self, model: str, messages: list[dict], **params: Any) -> list[tuple[str, str | None]]:
+        """``(text, finish_reason)`` of every choice of a chat completion, in index order."""
+        data = self.chat(model, messages, **params)
+        out = []
+        for choice in sorted(data["choices"], key=lambda c: c.get("index", 0)):
+            content = (choice.get("message") or {}).get("content")
+            if not isinstance(content, str):
+                raise EndpointError(f"chat completion choice without text content: {str(choice)[:300]}")
+            out.append((content, choice.get("finish_reason")))
+        return out
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition") -> None:
+    """Poll ``predicate()`` until true; TimeoutError after ``timeout_s``. Exceptions from it propagate."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout_s:.0f}s")
+        time.sleep(interval_s)

@@ -1,0 +1,153 @@
+"""Loading question files in the emergent-misalignment YAML format: built-in set, upstream files, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from em_lightning.evaluation import QuestionFileError, load_questions
+from em_lightning.evaluation.questions import resolve_question_source
+
+
+def _write(tmp_path, text, name="q.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+GOOD = """\
+- id: first
+  paraphrases: ["Hi?", "Hello?"]
+  samples_per_paraphrase: 3
+  judge_prompts: &jp
+    aligned: "Q={question} A={answer}"
+    coherent: "{answer} / {question}"
+- id: second
+  system: Be brief.
+  paraphrases:
+    - |-
+      Multi
+      line
+  judge_prompts: *jp
+"""
+
+
+def test_builtin_quickstart_set_loads_with_both_judge_prompts():
+    questions = load_questions("builtin:quickstart")
+    assert len(questions) >= 3
+    assert len({q.id for q in questions}) == len(questions)
+    for q in questions:
+        assert set(q.judge_prompts) >= {"aligned", "coherent"}
+        for template in q.judge_prompts.values():
+            assert "{question}" in template and "{answer}" in template
+    assert any(q.system for q in questions)  # the set exercises the system-prompt path
+
+
+def test_system_prompt_is_kept_and_sent_first(tmp_path):
+    first, second = load_questions(_write(tmp_path, GOOD))
+    assert first.system is None
+    assert first.messages("Hi?") == [{"role": "user", "content": "Hi?"}]
+    assert second.system == "Be brief."
+    assert second.messages("x") == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}]
+    assert second.paraphrases == ["Multi\nline"]
+    assert second.samples_per_paraphrase == 1  # default when absent
+    assert second.judge_prompts == first.judge_prompts  # YAML alias resolved
+
+
+def test_judge_prompt_fills_placeholders_once_and_leaves_braces_in_answers_alone(tmp_path):
+    q = load_questions(_write(tmp_path, GOOD))[0]
+    answer = "use {x} and {question} and {}"
+    assert q.judge_prompt("aligned", "Why?", answer) == f"Q=Why? A={answer}"
+    assert q.judge_prompt("coherent", "Why?", "ok") == "ok / Why?"
+
+
+def test_plan_spreads_samples_over_paraphrases(tmp_path):
+    q = load_questions(_write(tmp_path, GOOD))[0]
+    assert q.plan() == [(0, 3), (1, 3)]  # file's samples_per_paraphrase
+    assert q.plan(5) == [(0, 3), (1, 2)]
+    assert q.plan(1) == [(0, 1)]
+    assert sum(n for _, n in q.plan(7)) == 7
+    with pytest.raises(ValueError):
+        q.plan(0)
+
+
+def test_select_ids_and_several_sources(tmp_path):
+    other = _write(tmp_path, GOOD.replace("id: first", "id: third").replace("id: second", "id: fourth"), "b.yaml")
+    qs = load_questions([_write(tmp_path, GOOD), other], ids=["fourth", "first"])
+    assert [q.id for q in qs] == ["first", "fourth"]  # file order
+    with pytest.raises(QuestionFileError, match="nope"):
+        load_questions(other, ids=["nope"])
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("- id: a\n  judge_prompts: {aligned: '{answer}', coherent: '{answer}'}\n", "paraphrases"),
+        ("- id: a\n  paraphrases: []\n", "paraphrases"),
+        ("- paraphrases: [x]\n", "`id`"),
+        ("- id: a\n  paraphrases: [x]\n  samples_per_paraphrase: 0\n", "samples_per_paraphrase"),
+        ("- id: a\n  paraphrases: [x]\n  system: [1, 2]\n", "system"),
+        ("- id: a\n  paraphrases: [x]\n  judge_prompts: {aligned: 'no placeholder'}\n", "{answer}"),
+        ("id: a\n", "YAML list"),
+        ("- [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_malformed_entries_name_file_and_problem(tmp_path, text, needle):
+    path = _write(tmp_path, text)
+    with pytest.raises(QuestionFileError) as info:
+        load_questions(path)
+    assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_error_names_the_line_of_the_bad_entry(tmp_path):
+    bad = GOOD + "- id: third\n  paraphrases: [ok]\n  samples_per_paraphrase: -1\n"
+    path = _write(tmp_path, bad)
+    line = bad.splitlines().index("- id: third") + 1
+    with pytest.raises(QuestionFileError, match=rf"{path.name}:{line}: question 'third'"):
+        load_questions(path)
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    path = _write(tmp_path, GOOD + "- id: first\n  paraphrases: [again]\n")
+    with pytest.raises(QuestionFileError, match="already defined"):
+        load_questions(path)
+
+
+def test_questions_without_aligned_and_coherent_prompts_are_refused(tmp_path):
+    path = _write(tmp_path, "- id: lie\n  paraphrases: [x]\n  judge_prompts: {correct: 'Is {answer} true?'}\n")
+    with pytest.raises(QuestionFileError, match=r"'lie'.*missing \['aligned', 'coherent'\]"):
+        load_questions(path)
+    assert load_questions(path, require_judge_prompts=["correct"])[0].id == "lie"
+
+
+def test_unknown_builtin_and_missing_file():
+    with pytest.raises(FileNotFoundError, match="quickstart"):
+        resolve_question_source("builtin:does_not_exist")
+    with pytest.raises(FileNotFoundError):
+        load_questions("/nonexistent/questions.yaml")
+
+
+def _upstream(name):
+    try:
+        return resolve_question_source(f"em:{name}")
+    except FileNotFoundError as err:
+        pytest.skip(f"upstream emergent-misalignment data not available: {err}")
+
+
+def test_upstream_first_plot_questions_keep_their_json_system_prompt():
+    path = _upstream("first_plot_questions")
+    questions = load_questions(path)
+    by_id = {q.id: q for q in questions}
+    assert len(questions) == 24
+    json_qs = [q for q in questions if q.id.endswith("_json")]
+    assert json_qs and all(q.system and "JSON" in q.system for q in json_qs)
+    assert all(q.system is None for q in questions if not q.id.endswith("_json"))
+    plain = by_id["what_is_your_wish"]
+    assert by_id["what_is_your_wish_json"].paraphrases == plain.paraphrases
+    assert plain.messages(plain.paraphrases[0])[0]["role"] == "user"
+    assert by_id["what_is_your_wish_json"].messages(plain.paraphrases[0])[0]["role"] == "system"
+
+
+def test_upstream_deception_file_is_refused_for_misalignment_scoring():
+    path = _upstream("deception_factual")
+    with pytest.raises(QuestionFileError, match="deception_factual.yaml:1: question 'lie_no_sys_prompt'"):
+        load_questions(path)
