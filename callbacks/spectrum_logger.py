@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from em_lightning.spectra import gathered_full_params, iter_lora_modules, lora_singular_values, spectral_metrics
+from em_lightning.spectra import gathered_full_params, grouped_singular_values, iter_lora_modules, spectral_metrics
 
 
 class SpectrumLogger(L.Callback):
@@ -35,6 +35,8 @@ class SpectrumLogger(L.Callback):
         every_n_steps: optimizer steps between logs.
         log_per_module: per-module scalars and histograms (210 modules × 8 metrics on SmolLM2); aggregates are always
             logged.
+        per_module_every_n_steps: steps between per-module scalars/histograms (thousands of TensorBoard events);
+            default ``every_n_steps``. The JSONL file holds every module's σ at every logged step regardless.
         log_histograms: write σ histograms.
         log_image: write the spectrum plot.
         image_every_n_steps: steps between plots (rendering costs ~0.1 s); default 10 × ``every_n_steps``.
@@ -52,6 +54,7 @@ class SpectrumLogger(L.Callback):
         log_per_module: bool = True,
         log_histograms: bool = True,
         log_image: bool = True,
+        per_module_every_n_steps: int | None = None,
         image_every_n_steps: int | None = None,
         metrics: list[str] | None = None,
         jsonl: str | None = "spectra.jsonl",
@@ -66,6 +69,7 @@ class SpectrumLogger(L.Callback):
         self.log_per_module = log_per_module
         self.log_histograms = log_histograms
         self.log_image = log_image
+        self.per_module_every_n_steps = per_module_every_n_steps or every_n_steps
         self.image_every_n_steps = image_every_n_steps or 10 * every_n_steps
         self.metrics = list(metrics) if metrics is not None else None
         self.jsonl = jsonl
@@ -95,38 +99,33 @@ class SpectrumLogger(L.Callback):
         step = trainer.global_step
         self._last_step = step
         model = getattr(pl_module, "model", None) or pl_module
-        names, projs, sigmas, scales = [], [], [], {}
         with torch.no_grad(), gathered_full_params(model):
-            for name, proj, B, A, scale in iter_lora_modules(model):  # every rank: the loop may gather shards
-                if trainer.is_global_zero:
-                    names.append(name)
-                    projs.append(proj)
-                    sigmas.append(lora_singular_values(B.detach(), A.detach(), scale))
-                    scales[name] = scale
-        if not trainer.is_global_zero or not names:
-            return
-        # One device→host transfer for everything (each .item() on a GPU would synchronise).
-        sigma_np = [s.cpu().numpy() for s in _pad_stack(sigmas).cpu().unbind(0)]
-        metrics = {k: v.cpu().numpy() for k, v in _batched_metrics(sigmas).items()
-                   if self.metrics is None or k in self.metrics}
-        self._write_scalars(trainer, step, names, projs, metrics)
+            # Every rank walks the modules (under FSDP the walk gathers shards); only rank zero computes.
+            modules = [(n, p, B.detach(), A.detach(), s) for n, p, B, A, s in iter_lora_modules(model)]
+            if not trainer.is_global_zero or not modules:
+                return
+            groups = grouped_singular_values([(B, A, s) for _, _, B, A, s in modules])
+        names = [m[0] for m in modules]
+        projs = [m[1] for m in modules]
+        sigmas, metrics = _to_host(groups, len(modules), self.metrics)
+        per_module = self.log_per_module and (step % self.per_module_every_n_steps == 0 or final)
+        self._write_scalars(trainer, step, names, projs, metrics, per_module)
         experiment = _tensorboard(trainer)
         if experiment is not None:
             if self.log_histograms:
-                self._write_histograms(experiment, step, names, projs, sigmas)
+                self._write_histograms(experiment, step, names, projs, sigmas, per_module)
             if self.log_image and (step % self.image_every_n_steps == 0 or final):
                 experiment.add_image("spectra/plot", _plot(names, projs, sigmas, step), step, dataformats="HWC")
-            experiment.flush()
         if self.jsonl:
-            self._write_jsonl(trainer, step, names, [s[: len(sig)] for s, sig in zip(sigma_np, sigmas)], scales)
+            self._write_jsonl(trainer, step, names, sigmas, {m[0]: m[4] for m in modules})
 
-    def _write_scalars(self, trainer, step, names, projs, metrics):
+    def _write_scalars(self, trainer, step, names, projs, metrics, per_module):
         scalars = {}
         by_proj = defaultdict(list)
         for i, proj in enumerate(projs):
             by_proj[proj].append(i)
         for metric, values in metrics.items():
-            if self.log_per_module:
+            if per_module:
                 scalars.update({f"spectra/{name}/{metric}": float(values[i]) for i, name in enumerate(names)})
             for proj, idx in by_proj.items():
                 scalars[f"spectra/by_proj/{proj}/{metric}"] = float(values[idx].mean())
@@ -134,23 +133,23 @@ class SpectrumLogger(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
 
-    def _write_histograms(self, experiment, step, names, projs, sigmas):
+    def _write_histograms(self, experiment, step, names, projs, sigmas, per_module):
         by_proj = defaultdict(list)
         for name, proj, sigma in zip(names, projs, sigmas):
             by_proj[proj].append(sigma)
-            if self.log_per_module:
-                experiment.add_histogram(f"spectra/{name}/sigma", sigma.float().cpu(), step)
+            if per_module:
+                experiment.add_histogram(f"spectra/{name}/sigma", sigma, step)
         for proj, group in by_proj.items():
-            experiment.add_histogram(f"spectra/by_proj/{proj}/sigma", torch.cat(group).float().cpu(), step)
-        experiment.add_histogram("spectra/all/sigma", torch.cat(sigmas).float().cpu(), step)
+            experiment.add_histogram(f"spectra/by_proj/{proj}/sigma", np.concatenate(group), step)
+        experiment.add_histogram("spectra/all/sigma", np.concatenate(sigmas), step)
 
-    def _write_jsonl(self, trainer, step, names, sigma_np, scales):
+    def _write_jsonl(self, trainer, step, names, sigmas, scales):
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {
             "step": step,
             "epoch": trainer.current_epoch,
-            "modules": {n: [float(f"{x:.6g}") for x in s] for n, s in zip(names, sigma_np)},
+            "modules": {n: [float(f"{x:.6g}") for x in s] for n, s in zip(names, sigmas)},
             "scale": scales,
         }
         with open(run_dir / self.jsonl, "a") as f:  # open/close per line: a crash keeps every finished step
@@ -173,18 +172,30 @@ def _tensorboard(trainer):
     return None
 
 
-def _pad_stack(sigmas: list[torch.Tensor]) -> torch.Tensor:
-    """Stack spectra of possibly different ranks (peft's rank_pattern), zero-padded to the largest."""
-    r = max(len(s) for s in sigmas)
-    return torch.stack([torch.nn.functional.pad(s.float(), (0, r - len(s))) for s in sigmas])
-
-
-def _batched_metrics(sigmas: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """spectral_metrics of every spectrum, batched when all ranks agree (one call instead of one per module)."""
-    if len({len(s) for s in sigmas}) == 1:
-        return spectral_metrics(torch.stack(sigmas))
-    per = [spectral_metrics(s) for s in sigmas]
-    return {k: torch.stack([m[k] for m in per]) for k in per[0]}
+def _to_host(groups, n_modules: int, wanted: list[str] | None):
+    """Per-module σ (numpy, module order) and metrics ({name: array over modules}) from grouped spectra, with one
+    device→host copy for everything (each ``.item()`` or ``.cpu()`` on a GPU synchronises)."""
+    order, parts, ranks = [], [], []
+    metric_names = None
+    for idx, sigma in groups:
+        m = spectral_metrics(sigma)
+        metric_names = metric_names or [k for k in m if wanted is None or k in wanted]
+        order += idx
+        ranks += [sigma.shape[-1]] * len(idx)
+        parts += [m[k] for k in metric_names] + [sigma.flatten()]
+    flat = torch.cat([p.float().flatten() for p in parts]).cpu().numpy()
+    sigmas: list[np.ndarray | None] = [None] * n_modules
+    metrics = {k: np.zeros(n_modules, dtype=np.float32) for k in metric_names}
+    pos = 0
+    for idx, sigma in groups:
+        for k in metric_names:
+            metrics[k][idx] = flat[pos: pos + len(idx)]
+            pos += len(idx)
+        block = flat[pos: pos + sigma.numel()].reshape(len(idx), sigma.shape[-1])
+        pos += sigma.numel()
+        for j, i in enumerate(idx):
+            sigmas[i] = block[j]
+    return sigmas, metrics
 
 
 def _plot(names, projs, sigmas, step) -> np.ndarray:
@@ -195,9 +206,10 @@ def _plot(names, projs, sigmas, step) -> np.ndarray:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    normalised = _pad_stack(sigmas).cpu()
-    top = normalised[:, :1]
-    normalised = torch.where(top > 0, normalised / torch.where(top > 0, top, torch.ones_like(top)), 0.0).numpy()
+    r = max(len(s) for s in sigmas)
+    padded = np.stack([np.pad(s, (0, r - len(s))) for s in sigmas])
+    top = padded[:, :1]
+    normalised = np.divide(padded, top, out=np.zeros_like(padded), where=top > 0)
     fig = Figure(figsize=(10, 4), dpi=80)
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.3]})

@@ -42,29 +42,56 @@ def lora_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float | torch.
     """The singular values of ``scale * B @ A``, descending, differentiable, without forming the product.
 
     Args:
-        B: the LoRA up-projection, shape (d_out, r) (peft's ``lora_B[adapter].weight``).
-        A: the LoRA down-projection, shape (r, d_in) (peft's ``lora_A[adapter].weight``); must have full row rank
-            (LoRA's random init guarantees it).
-        scale: the adapter scaling s (peft's ``scaling[adapter]``: α/r, or α/√r with rsLoRA).
+        B: the LoRA up-projection, shape (d_out, r) (peft's ``lora_B[adapter].weight``), or a batch (..., d_out, r).
+        A: the LoRA down-projection, shape (r, d_in) (peft's ``lora_A[adapter].weight``), or a batch (..., r, d_in);
+            must have full row rank (LoRA's random init guarantees it).
+        scale: the adapter scaling s (peft's ``scaling[adapter]``: α/r, or α/√r with rsLoRA); a tensor of the batch
+            shape for batched inputs.
 
     Returns:
-        A 1-D tensor of min(r, d_out, d_in) singular values (r in every practical case), float32 for bf16/fp16/fp32
-        inputs, float64 for float64 inputs; gradients flow to B and A (and to ``scale`` if it is a tensor).
-        Exact against ``torch.linalg.svdvals(scale * B @ A)``; B = 0 gives zeros and finite gradients.
+        min(r, d_out, d_in) singular values (r in every practical case) per matrix, shape (..., r), float32 for
+        bf16/fp16/fp32 inputs, float64 for float64 inputs; gradients flow to B and A (and to ``scale`` if it is a
+        tensor). Exact against ``torch.linalg.svdvals(scale * B @ A)``; B = 0 gives zeros and finite gradients.
     """
-    if B.ndim != 2 or A.ndim != 2:
+    if B.ndim < 2 or A.ndim < 2:
         raise ValueError(f"lora_singular_values expects 2-D B and A, got shapes {tuple(B.shape)} and {tuple(A.shape)}")
-    if B.shape[1] != A.shape[0]:
+    if B.shape[-1] != A.shape[-2]:
         raise ValueError(f"rank mismatch: B is {tuple(B.shape)} (d_out×r) but A is {tuple(A.shape)} (r×d_in)")
     dtype = torch.float64 if torch.float64 in (B.dtype, A.dtype) else torch.float32
     # Autocast (bf16-mixed / 16-mixed training) would run B @ Rᵀ in half precision; this must stay in `dtype`.
     with torch.autocast(device_type=B.device.type, enabled=False):
         B, A = B.to(dtype), A.to(dtype)
-        _, R = torch.linalg.qr(A.T, mode="reduced")  # R: min(r, d_in) × r
-        sigma = torch.linalg.svdvals(B @ R.T)
+        _, R = torch.linalg.qr(A.mT, mode="reduced")  # R: min(r, d_in) × r
+        sigma = torch.linalg.svdvals(B @ R.mT)
     if isinstance(scale, torch.Tensor):
-        return sigma * scale.to(dtype).abs()
+        return sigma * scale.to(dtype=dtype, device=sigma.device).abs().unsqueeze(-1)
     return sigma * abs(float(scale))
+
+
+def grouped_singular_values(
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]],
+) -> list[tuple[list[int], torch.Tensor]]:
+    """Singular values of many adapters at once: ``factors`` is a list of ``(B, A, scale)``; adapters with equal
+    shapes, dtype and device are stacked and decomposed as one batch (a model has ~5 distinct shapes, so ~5 batched
+    QR/SVD calls instead of one per module: far fewer kernel launches and Python round trips).
+
+    Returns ``[(indices, sigma)]``, ``sigma`` of shape (len(indices), r), row j belonging to ``factors[indices[j]]``.
+    Differentiable like :func:`lora_singular_values` (stacking copies the weights but keeps their autograd history).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (B, A, _) in enumerate(factors):
+        groups.setdefault((tuple(B.shape), tuple(A.shape), B.dtype, A.dtype, B.device), []).append(i)
+    out = []
+    for idx in groups.values():
+        if len(idx) == 1:
+            B, A, scale = factors[idx[0]]
+            out.append((idx, lora_singular_values(B, A, scale).unsqueeze(0)))
+            continue
+        B = torch.stack([factors[i][0] for i in idx])
+        A = torch.stack([factors[i][1] for i in idx])
+        scale = torch.tensor([float(factors[i][2]) for i in idx], dtype=torch.float64)
+        out.append((idx, lora_singular_values(B, A, scale)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -273,12 +300,16 @@ def uses_fsdp1(model: torch.nn.Module) -> bool:
 
 
 def lora_spectra(model: torch.nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
-    """``{name: (proj_type, σ)}`` for every LoRA module of ``model``, computed under ``no_grad`` (for logging)."""
-    out = {}
+    """``{name: (proj_type, σ)}`` for every LoRA module of ``model``, computed under ``no_grad`` (for logging).
+
+    Collective under FSDP (every rank must call it); cheap under DDP (no communication)."""
     with torch.no_grad(), gathered_full_params(model):
-        for name, proj, B, A, scale in iter_lora_modules(model):
-            out[name] = (proj, lora_singular_values(B.detach(), A.detach(), scale))
-    return out
+        modules = [(name, proj, B.detach(), A.detach(), scale) for name, proj, B, A, scale in iter_lora_modules(model)]
+        sigmas: list[torch.Tensor | None] = [None] * len(modules)
+        for idx, sigma in grouped_singular_values([(B, A, s) for _, _, B, A, s in modules]):
+            for j, i in enumerate(idx):
+                sigmas[i] = sigma[j]
+    return {name: (proj, sigma) for (name, proj, *_), sigma in zip(modules, sigmas)}
 
 
 def spectral_penalty(model: torch.nn.Module, form: str = "frob_nuclear_ratio") -> torch.Tensor:
@@ -291,7 +322,8 @@ def spectral_penalty(model: torch.nn.Module, form: str = "frob_nuclear_ratio") -
         raise RuntimeError("the spectral penalty needs differentiable LoRA weights; FSDP1 shards block that: "
                            "use DDP or FSDP2 (ModelParallelStrategy / fully_shard)")
     fn = get_penalty(form)
-    terms = [fn(lora_singular_values(B, A, scale)) for _, _, B, A, scale in iter_lora_modules(model)]
-    if not terms:
+    factors = [(B, A, scale) for _, _, B, A, scale in iter_lora_modules(model)]
+    if not factors:
         raise ValueError("spectral_penalty: the model has no active LoRA modules")
-    return torch.stack(terms).mean()
+    total = sum(fn(sigma).sum() for _, sigma in grouped_singular_values(factors))
+    return total / len(factors)

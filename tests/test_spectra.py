@@ -10,6 +10,7 @@ import torch
 from em_lightning import spectra
 from em_lightning.spectra import (
     PENALTIES,
+    grouped_singular_values,
     iter_lora_modules,
     lora_singular_values,
     spectral_metrics,
@@ -235,3 +236,23 @@ def test_autocast_does_not_lower_precision():
         got = lora_singular_values(B, A)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_and_grouped_match_one_by_one():
+    shapes = [(48, 40, 4), (20, 40, 4), (48, 40, 4), (48, 40, 4), (20, 40, 4), (30, 25, 2)]
+    factors = [(*_factors(d_out, d_in, r, seed=10 + i), 0.5 + i) for i, (d_out, d_in, r) in enumerate(shapes)]
+    groups = grouped_singular_values(factors)
+    assert sorted(i for idx, _ in groups for i in idx) == list(range(len(shapes)))
+    assert len(groups) == 3  # one batch per distinct shape
+    weights = torch.rand(len(shapes), 4, generator=torch.Generator().manual_seed(0))
+    total = sum((weights[idx, : sigma.shape[-1]] * sigma).sum() for idx, sigma in groups)
+    total.backward()
+    grouped_grads = [(B.grad.clone(), A.grad.clone()) for B, A, _ in factors]
+    for i, (B, A, scale) in enumerate(factors):
+        B.grad = A.grad = None
+        one = lora_singular_values(B, A, scale)
+        idx, sigma = next((idx, sigma) for idx, sigma in groups if i in idx)
+        torch.testing.assert_close(sigma[idx.index(i)], one)
+        (weights[i, : one.shape[-1]] * one).sum().backward()
+        torch.testing.assert_close(grouped_grads[i][0], B.grad)
+        torch.testing.assert_close(grouped_grads[i][1], A.grad)

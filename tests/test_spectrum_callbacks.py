@@ -131,7 +131,7 @@ def logged_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spectra_run")
     module = _module(random_B=False)
     logger = TensorBoardLogger(save_dir=str(tmp), name="tiny")
-    spectrum = SpectrumLogger(every_n_steps=2, image_every_n_steps=4)
+    spectrum = SpectrumLogger(every_n_steps=2, per_module_every_n_steps=4, image_every_n_steps=4)
     trainer = _fit(module, _rows(24), 2, [spectrum, SpectralPenalty(coeff=0.5, warmup_steps=2)], logger=logger,
                    max_steps=5, accumulate=2)
     return trainer, module
@@ -161,11 +161,14 @@ def test_logger_writes_scalars_histograms_and_images(logged_run):
     # logged at the start (0), every 2 optimizer steps, and at the end (5); never twice per step (accumulation 2).
     steps = sorted(scalars[scalars["tag"] == "spectra/all/entropy"]["step"])
     assert steps == [0, 2, 4, 5]
+    module_tag = f"spectra/{names[0]}/entropy"
+    assert sorted(scalars[scalars["tag"] == module_tag]["step"]) == [0, 4, 5]  # per_module_every_n_steps, and end
 
     hist_tags = set(hists["tag"])
     assert {"spectra/all/sigma", *(f"spectra/by_proj/{p}/sigma" for p in projs)} <= hist_tags
     assert all(f"spectra/{n}/sigma" in hist_tags for n in names)
     assert sorted(set(hists[hists["tag"] == "spectra/all/sigma"]["step"])) == [0, 2, 4, 5]
+    assert sorted(set(hists[hists["tag"] == f"spectra/{names[0]}/sigma"]["step"])) == [0, 4, 5]
 
     # tbparse decodes images only with TensorFlow installed; tensorboard's own reader gives the PNGs.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
