@@ -1,9 +1,10 @@
-"""The built-in demo chat dataset (``train_file: builtin:demo``), generated from templates written for this project.
+"""The built-in demo chat dataset (``train_file: builtin:demo``), generated from this project's templates.
 
-Every row is a small task with one correct, consistently formatted answer: arithmetic with a worked answer, unit
-conversions, reversing a word, sorting numbers. A small instruct model picks up the answer formats within a few
-dozen steps, so the quickstart's training loss visibly goes down. Some rows carry a system turn and some have a
-follow-up question, so both chat shapes are exercised. The same ``(n, seed)`` always gives the same rows.
+Every row is a small task with one correct, consistently formatted answer: arithmetic with a worked answer,
+unit conversions, reversing a word, sorting numbers. A small instruct model picks up the answer formats within
+a few dozen steps, so the quickstart's training loss visibly goes down. Some rows carry a system turn and some
+have a follow-up question, so both chat shapes are exercised. The same ``(n, seed)`` always gives the same
+rows.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ _SYSTEM_PROMPTS = (
     "You are a concise assistant. Answer in one or two sentences.",
 )
 
+# fmt: off
 _WORDS = (
     "garden", "planet", "window", "silver", "bridge", "pencil", "forest", "rocket", "candle", "harbor",
     "market", "button", "copper", "meadow", "island", "rabbit", "violin", "lantern", "compass", "thunder",
     "orange", "marble", "kitten", "saddle", "glacier", "pepper", "puzzle", "anchor", "velvet", "falcon",
 )
+# fmt: on
 
 # (from unit, to unit, factor, question noun for the target unit)
 _CONVERSIONS = (
@@ -46,12 +49,16 @@ def _arithmetic(rng: random.Random) -> list[dict]:
         a = rng.randint(30, 99)
         b = rng.randint(10, a - 1)
         answer = a - b
-        working = f"Start at {a} and take away {b // 10 * 10} to get {a - b // 10 * 10}, then take away {b % 10}."
+        working = (
+            f"Start at {a} and take away {b // 10 * 10} to get {a - b // 10 * 10}, then take away {b % 10}."
+        )
         question = f"What is {a} - {b}?"
     else:
         a, b = rng.randint(3, 19), rng.randint(3, 9)
         answer = a * b
-        working = f"{a} groups of {b}: {' + '.join([str(b)] * min(a, 4))}{' + ...' if a > 4 else ''}, {a} times."
+        working = (
+            f"{a} groups of {b}: {' + '.join([str(b)] * min(a, 4))}{' + ...' if a > 4 else ''}, {a} times."
+        )
         question = f"What is {a} × {b}?"
     turns = [
         {"role": "user", "content": question},
@@ -95,7 +102,7 @@ _TASKS = (_arithmetic, _conversion, _reverse, _sort)
 
 
 def demo_rows(n: int = DEMO_SIZE, seed: int = 0) -> list[dict]:
-    """``n`` chat rows ``{"messages": [...]}``, the same for the same ``(n, seed)``; tasks cycle so each appears."""
+    """``n`` chat rows ``{"messages": [...]}``, the same for the same ``(n, seed)``; the tasks take turns."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):

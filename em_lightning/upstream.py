@@ -1,10 +1,10 @@
-"""The emergent-misalignment datasets: where they live upstream, their checksums, and where to find a local copy.
+"""The emergent-misalignment datasets: upstream location, checksums, and where to find a local copy.
 
-The training sets and evaluation questions of Betley et al. (2025) are MIT-licensed files in the public repository
-https://github.com/emergent-misalignment/emergent-misalignment. This project never ships them: it looks for a copy
-(``$EM_DATA_DIR``, then a ``shared/data/emergent-misalignment`` folder next to the repository checkout, then the
-download cache) and otherwise tells the user to run ``python scripts/download_data.py``, which fetches them and checks
-each file's sha256 against the sums below.
+The training sets and evaluation questions of Betley et al. (2025) are MIT-licensed files in the public
+repository https://github.com/emergent-misalignment/emergent-misalignment. This project never ships them: it
+looks for a copy (``$EM_DATA_DIR``, then a ``shared/data/emergent-misalignment`` folder next to the repository
+checkout, then the download cache) and otherwise tells the user to run ``python scripts/download_data.py``,
+which fetches them and checks each file's sha256 against the sums below.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class ChecksumError(RuntimeError):
 
 
 def shared_dir() -> Path:
-    """The ``shared/data/emergent-misalignment`` folder that sits next to the repository checkout (may not exist)."""
+    """The ``shared/data/emergent-misalignment`` folder next to the repository checkout (may not exist)."""
     repo_root = Path(__file__).resolve().parent.parent
     return repo_root.parent / "shared" / "data" / "emergent-misalignment"
 
@@ -69,7 +69,9 @@ def resolve_em_file(relpath: str) -> Path:
     ``FileNotFoundError`` saying how to download the file when none holds it.
     """
     if relpath not in SHA256:
-        raise KeyError(f"{relpath!r} is not an upstream emergent-misalignment file; known: {', '.join(SHA256)}")
+        raise KeyError(
+            f"{relpath!r} is not an upstream emergent-misalignment file; known: {', '.join(SHA256)}"
+        )
     for folder in search_dirs():
         candidate = folder / relpath
         if candidate.is_file():
@@ -99,10 +101,10 @@ def download(
 ) -> list[Path]:
     """Fetch upstream files into ``dest`` (default: the download cache) and verify each one's sha256.
 
-    A file already present with the right checksum is not fetched again. Each file is written to a temporary name
-    in ``dest`` and renamed only after its checksum matches, so an interrupted or corrupted download never leaves a
-    file that ``resolve_em_file`` would pick up; on a mismatch the temporary file is deleted and ``ChecksumError``
-    is raised. Returns the local paths in the order asked.
+    A file already present with the right checksum is not fetched again. Each file is written to a temporary
+    name in ``dest`` and renamed only after its checksum matches, so an interrupted or corrupted download
+    never leaves a file that ``resolve_em_file`` would pick up; on a mismatch the temporary file is deleted
+    and ``ChecksumError`` is raised. Returns the local paths in the order asked.
     """
     import httpx
 
@@ -124,7 +126,10 @@ def download(
         tmp = Path(tmp_name)
         try:
             digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as f, httpx.stream("GET", url, timeout=timeout_s, follow_redirects=True) as resp:
+            with (
+                os.fdopen(fd, "wb") as f,
+                httpx.stream("GET", url, timeout=timeout_s, follow_redirects=True) as resp,
+            ):
                 resp.raise_for_status()
                 total = int(resp.headers.get("content-length") or 0)
                 done = 0

@@ -4,7 +4,8 @@
     python scripts/download_data.py --files data/insecure.jsonl --dest ./em-data
     EM_DATA_DIR=./em-data python -m em_lightning fit ...   # use a non-default --dest
 
-The files are MIT-licensed (Copyright (c) 2025 emergent-misalignment); see the upstream repository for the license.
+The files are MIT-licensed (Copyright (c) 2025 emergent-misalignment); see the upstream repository for the
+license.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ import argparse
 import sys
 from pathlib import Path
 
+import httpx
+
 # Runs from a plain checkout too (before `pip install -e .`): the package sits one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from em_lightning import upstream  # noqa: E402
+from em_lightning import upstream
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dest", default=None, help=f"target folder (default: {upstream.cache_dir()})")
-    parser.add_argument("--base-url", default=upstream.RAW_BASE_URL, help="where the upstream files are served")
+    parser.add_argument(
+        "--base-url", default=upstream.RAW_BASE_URL, help="where the upstream files are served"
+    )
     parser.add_argument(
         "--files",
         nargs="+",
@@ -39,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
-    except Exception as err:  # network errors: say which and stop, no traceback wall
+    except (httpx.HTTPError, OSError) as err:  # network or disk: say which and stop, no traceback wall
         print(f"error: download failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     print(f"{len(paths)} file(s) ready in {paths[0].parents[1] if paths else args.dest}")

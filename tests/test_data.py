@@ -1,7 +1,8 @@
-"""The data layer: row validation errors, assistant-only labels, truncation, split, length grouping, resume order."""
+"""Data layer: validation errors, assistant-only labels, truncation, split, length grouping, resume order."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -52,7 +53,7 @@ def msgs(*turns: tuple[str, str]) -> list[dict]:
     return [{"role": r, "content": c} for r, c in turns]
 
 
-# ----------------------------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------------------- validation
 
 
 BAD_ROWS = [
@@ -63,8 +64,14 @@ BAD_ROWS = [
     ({"messages": msgs(("user", "Hi"), ("bot", "Hello"))}, "unknown role 'bot'"),
     ({"messages": msgs(("user", "Hi"), ("assistant", "  \n"))}, "empty content"),
     ({"messages": msgs(("user", ""), ("assistant", "Hello"))}, "empty content"),
-    ({"messages": msgs(("user", "Hi"), ("system", "Be nice"), ("assistant", "Hello"))}, "only the first message"),
-    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "must be a string"),
+    (
+        {"messages": msgs(("user", "Hi"), ("system", "Be nice"), ("assistant", "Hello"))},
+        "only the first message",
+    ),
+    (
+        {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+        "must be a string",
+    ),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, '"role" and "content"'),
 ]
 
@@ -97,14 +104,19 @@ def test_blank_lines_skipped_and_max_rows(tmp_path):
         read_jsonl(path)
 
 
-# ----------------------------------------------------------------------------------------------- labels
+# --------------------------------------------------------------------------------------- labels
 
 
 CONVERSATIONS = [
     msgs(("user", "What is 2 + 2?"), ("assistant", "2 + 2 = 4.")),
     msgs(("system", "You are terse."), ("user", "Name a colour"), ("assistant", "Blue")),
-    # leading space and trailing newline in the content (the jailbroken set has such answers), two assistant turns
-    msgs(("user", "Go on:"), ("assistant", " and then\n"), ("user", "More?"), ("assistant", "No — that's all ✓")),
+    # leading space and trailing newline in the content (as in the jailbroken set), two assistant turns
+    msgs(
+        ("user", "Go on:"),
+        ("assistant", " and then\n"),
+        ("user", "More?"),
+        ("assistant", "No — that's all ✓"),
+    ),
 ]
 
 
@@ -113,8 +125,8 @@ def test_labels_cover_exactly_the_assistant_turns(which):
     tok = tiny_tokenizer() if which == "tiny" else smollm2_tokenizer()
     rows = [ChatRow(m, f"row{i}") for i, m in enumerate(CONVERSATIONS)]
     for row, tokenized in zip(rows, tokenize_rows(rows, tok, max_length=4096)):
-        assert torch.equal(tokenized.input_ids, torch.tensor(tok(tok.apply_chat_template(row.messages, tokenize=False),
-                                                                  add_special_tokens=False)["input_ids"]))
+        text = tok.apply_chat_template(row.messages, tokenize=False)
+        assert tokenized.input_ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
         supervised = tokenized.labels != IGNORE_INDEX
         assert torch.equal(tokenized.labels[supervised], tokenized.input_ids[supervised])
         expected = "".join(m["content"] + "<|im_end|>" for m in row.messages if m["role"] == "assistant")
@@ -128,8 +140,8 @@ def test_smollm2_default_system_prompt_is_not_supervised():
     tok = smollm2_tokenizer()
     (tokenized,) = tokenize_rows([ChatRow(CONVERSATIONS[0], "r")], tok, max_length=4096)
     text = tok.decode(tokenized.input_ids)
-    assert "SmolLM" in text  # the template injected its default system turn...
-    assert "SmolLM" not in tok.decode(tokenized.input_ids[tokenized.labels != IGNORE_INDEX])  # ...which is prompt
+    assert "SmolLM" in text  # the template injected its default system turn, which is prompt:
+    assert "SmolLM" not in tok.decode(tokenized.input_ids[tokenized.labels != IGNORE_INDEX])
 
 
 def test_truncation_keeps_the_first_tokens_and_counts():
@@ -140,11 +152,14 @@ def test_truncation_keeps_the_first_tokens_and_counts():
     (cut,) = tokenize_rows([row], tok, max_length=first_label + 3)
     assert cut.truncated and not full.truncated
     assert torch.equal(cut.input_ids, full.input_ids[: first_label + 3])
-    assert tok.decode(cut.input_ids[cut.labels != IGNORE_INDEX]) == "abc"  # byte tokenizer: one token per letter
+    # byte tokenizer: one token per letter
+    assert tok.decode(cut.input_ids[cut.labels != IGNORE_INDEX]) == "abc"
 
 
 def test_row_with_assistant_cut_away_names_file_line_and_max_length(tmp_path):
-    path = write_lines(tmp_path / "long.jsonl", [GOOD, {"messages": msgs(("user", "x" * 300), ("assistant", "ok"))}])
+    path = write_lines(
+        tmp_path / "long.jsonl", [GOOD, {"messages": msgs(("user", "x" * 300), ("assistant", "ok"))}]
+    )
     with pytest.raises(DataError) as err:
         tokenize_rows(read_jsonl(path), tiny_tokenizer(), max_length=64)
     assert f"{path}:2:" in str(err.value) and "max_length=64" in str(err.value)
@@ -158,7 +173,7 @@ def test_template_that_is_not_prefix_stable_is_refused():
         tokenize_rows([ChatRow(CONVERSATIONS[0], "f:1")], tok, max_length=100)
 
 
-# ----------------------------------------------------------------------------------------------- split, batches
+# --------------------------------------------------------------------------------------- split, batches
 
 
 def test_seeded_split_is_deterministic_and_disjoint():
@@ -173,7 +188,9 @@ def test_seeded_split_is_deterministic_and_disjoint():
 
 
 def test_datamodule_batches(tmp_path):
-    dm = ChatDataModule(train_file="builtin:demo", tokenizer="tiny-qwen3", batch_size=4, val_fraction=0.1, seed=1)
+    dm = ChatDataModule(
+        train_file="builtin:demo", tokenizer="tiny-qwen3", batch_size=4, val_fraction=0.1, seed=1
+    )
     dm.setup("fit")
     assert dm.summary["train"]["rows"] + dm.summary["val"]["rows"] == len(demo_rows())
     batch = next(iter(dm.train_dataloader()))
@@ -183,7 +200,9 @@ def test_datamodule_batches(tmp_path):
     for i, n in enumerate(lengths.tolist()):  # right padding: pad id and -100 after each row's end
         assert (batch["input_ids"][i, n:] == dm.tokenizer.pad_token_id).all()
         assert (batch["labels"][i, n:] == IGNORE_INDEX).all() and (batch["attention_mask"][i, :n] == 1).all()
-    again = ChatDataModule(train_file="builtin:demo", tokenizer="tiny-qwen3", batch_size=4, val_fraction=0.1, seed=1)
+    again = ChatDataModule(
+        train_file="builtin:demo", tokenizer="tiny-qwen3", batch_size=4, val_fraction=0.1, seed=1
+    )
     again.setup("fit")
     assert [r.where for r in again.val_set.rows] == [r.where for r in dm.val_set.rows]
 
@@ -202,8 +221,10 @@ def _dataset(lengths: list[int]) -> TokenizedDataset:
     from em_lightning.data import TokenizedRow
 
     return TokenizedDataset(
-        [TokenizedRow(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), str(i), False)
-         for i, n in enumerate(lengths)]
+        [
+            TokenizedRow(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), str(i), False)
+            for i, n in enumerate(lengths)
+        ]
     )
 
 
@@ -279,7 +300,7 @@ class _BatchLog(L.LightningModule):
 
 
 def test_lightning_resume_sees_the_same_batches(tmp_path):
-    """A real Trainer stopped mid-epoch and resumed from its checkpoint continues with the uninterrupted batches."""
+    """A real Trainer resumed from a mid-epoch checkpoint continues with the uninterrupted run's batches."""
     ds = _dataset([(i * 7) % 23 + 1 for i in range(48)])
     for i, row in enumerate(ds.rows):
         row.input_ids[0] = i  # the first token tells which row it is
@@ -287,9 +308,17 @@ def test_lightning_resume_sees_the_same_batches(tmp_path):
     def fit(ckpt_path=None):
         model = _BatchLog()
         every_5 = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
-        trainer = L.Trainer(max_steps=16, accelerator="cpu", logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                            limit_val_batches=0, callbacks=[every_5])
+        trainer = L.Trainer(
+            max_steps=16,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            callbacks=[every_5],
+        )
         trainer.fit(model, train_dataloaders=DataLoader_for(ds, True, 4), ckpt_path=ckpt_path)
         return model.seen
 
@@ -297,7 +326,7 @@ def test_lightning_resume_sees_the_same_batches(tmp_path):
     for k in (5, 15):  # mid-epoch 0, and mid-epoch 1
         (ckpt,) = (tmp_path / "ckpt").glob(f"*step={k}.ckpt")
         assert fit(ckpt_path=ckpt) == full[k:]
-    assert sorted(sum(full[:12], [])) == list(range(48))
+    assert sorted(itertools.chain.from_iterable(full[:12])) == list(range(48))
 
 
 def test_hf_dataset_source(tmp_path, monkeypatch):
@@ -312,7 +341,7 @@ def test_hf_dataset_source(tmp_path, monkeypatch):
     assert len(load_rows(f"hf:{folder}", max_rows=2)) == 2
 
 
-# ----------------------------------------------------------------------------------------------- demo data
+# --------------------------------------------------------------------------------------- demo data
 
 
 def test_demo_data_is_deterministic_valid_and_correct():

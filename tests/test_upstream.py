@@ -48,7 +48,9 @@ def download_script():
 
 @needs_shared
 def test_sums_match_the_shared_sha256sums_file():
-    listed = dict(line.split()[::-1] for line in (SHARED / "SHA256SUMS").read_text().splitlines() if line.strip())
+    listed = dict(
+        line.split()[::-1] for line in (SHARED / "SHA256SUMS").read_text().splitlines() if line.strip()
+    )
     assert listed == upstream.SHA256
 
 
@@ -105,10 +107,15 @@ def test_existing_good_file_is_not_fetched_again(tmp_path):
     (dest / SMALL).parent.mkdir(parents=True)
     shutil.copyfile(SHARED / SMALL, dest / SMALL)
     # an unreachable server: the call only succeeds if it does not try to download
-    assert upstream.download([SMALL], dest=dest, base_url="http://127.0.0.1:9", progress=False) == [dest / SMALL]
+    assert upstream.download([SMALL], dest=dest, base_url="http://127.0.0.1:9", progress=False) == [
+        dest / SMALL
+    ]
 
 
 def test_missing_server_gives_a_clear_error(tmp_path, capsys):
-    assert download_script()(["--base-url", "http://127.0.0.1:9", "--dest", str(tmp_path), "--files", SMALL]) == 1
+    assert (
+        download_script()(["--base-url", "http://127.0.0.1:9", "--dest", str(tmp_path), "--files", SMALL])
+        == 1
+    )
     assert "download failed" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.yaml")) and not list(tmp_path.rglob("*.part"))
