@@ -1,0 +1,165 @@
+"""MisalignmentEval with the real CLI, Trainer, LoRA module (tiny Qwen3) and TensorBoard files, against a fake
+OpenAI/vLLM server on 127.0.0.1 (the real vLLM sidecar is tested in test_eval_vllm.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from tbparse import SummaryReader
+
+from callbacks.misalignment_eval import MisalignmentEval, read_jsonl
+from em_lightning.evaluation import SidecarConfig
+from tests.fake_openai import FakeOpenAI
+
+
+def _answer(aligned: dict, coherent: dict) -> str:
+    return json.dumps({"aligned": aligned, "coherent": coherent})
+
+
+MISALIGNED = _answer({"10": 1.0}, {"90": 1.0})
+ALIGNED = _answer({"90": 1.0}, {"80": 1.0})
+
+
+@pytest.fixture
+def question_file(tmp_path):
+    path = tmp_path / "questions.yaml"
+    path.write_text(
+        "- id: wish\n  paraphrases: [W1, W2]\n"
+        "  judge_prompts: &j {aligned: 'ALIGNED {answer}', coherent: 'COHERENT {answer}'}\n"
+        "- id: bored\n  system: Short answers.\n  paraphrases: [B1]\n  judge_prompts: *j\n"
+    )
+    return path
+
+
+def _overlay(tmp_path, url, questions, **init_args) -> str:
+    args = {
+        "every_n_steps": 2,
+        "questions": str(questions),
+        "samples_per_question": 2,
+        "max_tokens": 8,
+        "judge": {"number_tokens": "auto", "digit_min_prob": 0.0},
+        "sidecar": {"url": url, "request_timeout_s": 5, "max_retries": 0},
+        **init_args,
+    }
+    cfg = {"trainer": {"callbacks+": [{"class_path": "callbacks.misalignment_eval.MisalignmentEval", "init_args": args}]}}
+    path = tmp_path / "eval_overlay.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _callback(cli) -> MisalignmentEval:
+    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, MisalignmentEval))
+
+
+def _scalars(run_dir):
+    df = SummaryReader(str(run_dir)).scalars
+    return {tag: dict(zip(g["step"], g["value"])) for tag, g in df.groupby("tag")}
+
+
+@pytest.mark.parametrize("mode", ["async", "blocking"])
+def test_rate_logged_at_the_steps_of_the_adapters_and_samples_written(run_cli, tmp_path, question_file, mode):
+    with FakeOpenAI(tokenizer="digits") as fake:
+        fake.answers = [MISALIGNED, ALIGNED, ALIGNED]  # cycled: 1 in 3 answers misaligned
+        cli = run_cli(
+            "fit", "--config", "configs/tiny.yaml", "--config", _overlay(tmp_path, fake.url, question_file, mode=mode),
+            "--trainer.max_steps", "5", "--trainer.val_check_interval", "5",
+        )  # fmt: skip
+        loaded_at_end = set(fake.adapters)
+        gen_models = [r["model"] for r in fake.chat_requests(judge=False)]
+    run_dir = cli.trainer.log_dir
+    assert cli.trainer.state.finished
+    scalars = _scalars(run_dir)
+    assert sorted(scalars["eval/misalignment_rate"]) == [2, 4, 5]  # every 2 steps, and the end
+    assert set(scalars["eval/failed"].values()) == {0.0}
+    assert sorted(scalars["eval/q/wish/misalignment_rate"]) == [2, 4, 5]
+
+    samples = read_jsonl(f"{run_dir}/misalignment_samples.jsonl")
+    assert len(samples) == 3 * 2 * 2  # evals × questions × samples
+    for step in (2, 4, 5):
+        rows = [s for s in samples if s["step"] == step]
+        k = sum(s["answer"] == MISALIGNED for s in rows)
+        assert scalars["eval/misalignment_rate"][step] == pytest.approx(k / len(rows))
+        assert len({s["adapter"] for s in rows}) == 1
+        lo, hi = scalars["eval/ci_low"][step], scalars["eval/ci_high"][step]
+        assert lo <= k / len(rows) <= hi
+    adapters = [s["adapter"] for s in samples]
+    assert len(set(adapters)) == 3  # a fresh name per eval
+    assert set(gen_models) == set(adapters)
+    assert loaded_at_end == {samples[-1]["adapter"]}  # previous adapters were unloaded
+    assert {s["system"] for s in samples if s["question_id"] == "bored"} == {"Short answers."}
+    assert all(isinstance(s["aligned"], float) and isinstance(s["coherent"], float) for s in samples)
+    eval_adapters = Path(run_dir) / "eval_adapters"
+    assert not eval_adapters.exists() or not any(eval_adapters.iterdir())  # removed after their evals
+    summaries = read_jsonl(f"{run_dir}/misalignment_summary.jsonl")
+    assert [s["step"] for s in summaries] == [2, 4, 5]
+
+
+def test_garbage_from_the_sidecar_fails_the_eval_not_the_training(run_cli, tmp_path, question_file):
+    with FakeOpenAI(tokenizer="digits") as fake:
+        fake.answers = [ALIGNED]
+        fake.garbage = True
+        with pytest.warns(UserWarning, match="eval at step 2 failed"):
+            cli = run_cli(
+                "fit", "--config", "configs/tiny.yaml",
+                "--config", _overlay(tmp_path, fake.url, question_file, mode="blocking"),
+                "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+            )  # fmt: skip
+    run_dir = cli.trainer.log_dir
+    assert cli.trainer.state.finished and cli.trainer.global_step == 3
+    scalars = _scalars(run_dir)
+    assert scalars["eval/failed"] == {2: 1.0, 3: 1.0}
+    assert "eval/misalignment_rate" not in scalars
+    lines = read_jsonl(f"{run_dir}/misalignment_samples.jsonl")
+    assert [(line["step"], line["failed"]) for line in lines] == [(2, True), (3, True)]
+    assert "no choices" in lines[0]["error"]
+
+
+def test_hanging_sidecar_times_out_and_training_goes_on(run_cli, tmp_path, question_file):
+    with FakeOpenAI(tokenizer="digits") as fake:
+        fake.answers = [ALIGNED]
+        fake.hang_s = 3.0
+        overlay = _overlay(
+            tmp_path, fake.url, question_file, mode="async", eval_timeout_s=1.0, every_n_steps=100, eval_at_end=True,
+            sidecar={"url": fake.url, "request_timeout_s": 30, "max_retries": 0},
+        )
+        with pytest.warns(UserWarning, match="TimeoutError"):
+            cli = run_cli("fit", "--config", "configs/tiny.yaml", "--config", overlay, "--trainer.max_steps", "2",
+                          "--trainer.val_check_interval", "2")  # fmt: skip
+    assert cli.trainer.state.finished
+    lines = read_jsonl(f"{cli.trainer.log_dir}/misalignment_samples.jsonl")
+    assert [(line["step"], line["failed"]) for line in lines] == [(2, True)]  # the late answers are dropped
+    assert _scalars(cli.trainer.log_dir)["eval/failed"] == {2: 1.0}
+
+
+def test_config_errors_are_clear(tmp_path, question_file):
+    with pytest.raises(ValueError, match="every_n_steps"):
+        MisalignmentEval(every_n_steps=0, questions=str(question_file))
+    with pytest.raises(ValueError, match="mode"):
+        MisalignmentEval(questions=str(question_file), mode="sometimes")
+    with pytest.raises(FileNotFoundError):
+        MisalignmentEval(questions=str(tmp_path / "missing.yaml"))
+
+
+def test_tiny_model_without_served_dir_fails_before_training(run_cli, tmp_path, question_file):
+    """Managed sidecar + a model vLLM cannot serve: setup raises naming the config key; nothing is trained."""
+    overlay = _overlay(tmp_path, None, question_file, sidecar={"python": "/nonexistent/python"})
+    with pytest.raises(ValueError, match="sidecar.model"):
+        run_cli("fit", "--config", "configs/tiny.yaml", "--config", overlay, "--trainer.max_steps", "2")
+
+
+def test_sidecar_that_cannot_start_raises_with_its_log(tmp_path):
+    """The server process exits during start-up (here: a Python without vLLM) → a clear error with the log tail."""
+    import sys
+
+    from em_lightning.evaluation import VLLMSidecar
+
+    sidecar = VLLMSidecar(
+        SidecarConfig(python=sys.executable, model=str(tmp_path), startup_timeout_s=60), log_path=tmp_path / "s.log"
+    )
+    with pytest.raises(RuntimeError, match="exited with code") as info:
+        sidecar.start()
+    assert "vllm" in str(info.value).lower()
+    assert sidecar.pid is None  # stopped and forgotten
