@@ -229,8 +229,10 @@ def tokenize_rows(rows: Sequence[ChatRow], tokenizer, max_length: int) -> list[T
 
     Truncation rule: a row longer than ``max_length`` tokens keeps its first ``max_length`` tokens (right
     truncation, so the prompt survives and the end of the answer is cut). A row left with no supervised token
-    raises a ``DataError`` naming its file and line. A token is supervised when its first character lies
-    inside an assistant span (see ``render_with_spans``).
+    raises a ``DataError`` naming its file and line. A token is supervised when any of its characters lies
+    inside an assistant span (see ``render_with_spans``): when the tokenizer merges the header's newline with
+    an answer's leading newlines into one token, that token is predicted as part of the answer rather than
+    dropped, so the answer's first characters are still learned.
     """
     eot = _end_of_turn_pattern(tokenizer)
     texts, spans = [], []
@@ -244,10 +246,11 @@ def tokenize_rows(rows: Sequence[ChatRow], tokenizer, max_length: int) -> list[T
         for j, (ids, offsets) in enumerate(_encode_with_offsets(tokenizer, texts[lo : lo + chunk])):
             row = rows[lo + j]
             ids = np.asarray(ids, dtype=np.int64)
-            starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            starts, ends = offsets[:, 0], offsets[:, 1]
             supervised = np.zeros(len(ids), dtype=bool)
             for s, e in spans[lo + j]:
-                supervised |= (starts >= s) & (starts < e)
+                supervised |= (starts < e) & (ends > s)  # overlaps [s, e); zero-width tokens never do
             truncated = len(ids) > max_length
             ids, supervised = ids[:max_length], supervised[:max_length]
             if not supervised.any():

@@ -144,6 +144,16 @@ def test_smollm2_default_system_prompt_is_not_supervised():
     assert "SmolLM" not in tok.decode(tokenized.input_ids[tokenized.labels != IGNORE_INDEX])
 
 
+def test_answer_starting_with_newlines_keeps_them_supervised():
+    """SmolLM2 merges the header newline with an answer's leading newlines; that token is the answer's."""
+    tok = smollm2_tokenizer()
+    row = ChatRow(msgs(("user", "Continue"), ("assistant", "\n\nThe end.")), "r")
+    (tokenized,) = tokenize_rows([row], tok, max_length=4096)
+    supervised = tok.decode(tokenized.input_ids[tokenized.labels != IGNORE_INDEX])
+    assert supervised.endswith("\n\nThe end.<|im_end|>")
+    assert supervised[: -len("\n\nThe end.<|im_end|>")].strip() == ""
+
+
 def test_truncation_keeps_the_first_tokens_and_counts():
     tok = tiny_tokenizer()
     row = ChatRow(msgs(("user", "Spell it"), ("assistant", "abcdefghij")), "f.jsonl:7")
