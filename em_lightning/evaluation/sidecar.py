@@ -60,7 +60,8 @@ class SidecarConfig:
 
     Args:
         url: attach to this already running OpenAI-compatible vLLM server instead of starting one.
-        python: interpreter of the vLLM venv; None: ``$EM_VLLM_PYTHON``, else the current interpreter.
+        python: interpreter of the vLLM venv; None: ``$EM_VLLM_PYTHON``, else the repository's ``.venv-vllm``, else
+            the current interpreter.
         model: model dir to serve; None: the training module's ``base_model_dir`` (the weights training loaded).
         served_model_name: the base model's name in the API.
         port: 0 picks a free port.
@@ -68,7 +69,7 @@ class SidecarConfig:
         max_loras: adapters in one batch (2: the new one and, briefly, the previous).
         max_model_len: context length; small keeps the KV cache small.
         dtype: ``--dtype`` (``float32`` matches a float32 trainer; ``bfloat16`` is the GPU choice); None: vLLM's.
-        cpu_kvcache_gib: ``VLLM_CPU_KVCACHE_SPACE`` for CPU builds (ignored by GPU builds).
+        cpu_kvcache_gib: ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) for CPU builds (ignored by GPU builds).
         gpu_memory_utilization: fraction of the GPU the server may take (when it shares one with training).
         extra_args: more server arguments, e.g. ``["--enforce-eager"]``.
         env: more environment variables for the server.
@@ -87,7 +88,7 @@ class SidecarConfig:
     max_loras: int = 2
     max_model_len: int = 2048
     dtype: str | None = None
-    cpu_kvcache_gib: float | None = 2.0
+    cpu_kvcache_gib: int | None = 2
     gpu_memory_utilization: float | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -98,8 +99,12 @@ class SidecarConfig:
 
 
 def default_vllm_python() -> str:
-    """``$EM_VLLM_PYTHON`` if set, else the running interpreter."""
-    return os.environ.get("EM_VLLM_PYTHON") or sys.executable
+    """``$EM_VLLM_PYTHON`` if set, else ``.venv-vllm/bin/python`` in the repository (where ``.ci/run`` puts the
+    vLLM venv) if it exists, else the running interpreter (vLLM installed beside the trainer)."""
+    if os.environ.get("EM_VLLM_PYTHON"):
+        return os.environ["EM_VLLM_PYTHON"]
+    repo_venv = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    return str(repo_venv) if repo_venv.exists() else sys.executable
 
 
 def lora_rank_for_vllm(rank: int) -> int:
@@ -229,7 +234,7 @@ class VLLMSidecar:
             PYTHONUNBUFFERED="1",
         )
         if self.config.cpu_kvcache_gib is not None:
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.cpu_kvcache_gib)
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.config.cpu_kvcache_gib))
         env.update({k: str(v) for k, v in self.config.env.items()})
         return env
 
@@ -326,6 +331,7 @@ class VLLMSidecar:
                     _killpg(pgid, signal.SIGKILL)
                     proc.wait(10)
             _killpg(pgid, signal.SIGKILL)  # engine/worker processes that outlived the API server
+            _wait_group_gone(pgid, timeout_s=10.0)
 
     def restart(self) -> None:
         """Stop and start again (managed servers only); adapters must be loaded again."""
@@ -372,6 +378,18 @@ class VLLMSidecar:
     def generate(self, model: str, messages: list[dict], n: int = 1, **params) -> list[tuple[str, str | None]]:
         """``n`` sampled ``(answer, finish_reason)`` for ``messages`` from ``model`` (adapter name or base)."""
         return self.client.chat_texts(model, messages, n=n, **params)
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Wait until no process of group ``pgid`` exists (killed processes linger until they are reaped)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.1)
+    log.warning("processes of the vLLM sidecar's group %d still exist after %.0fs", pgid, timeout_s)
 
 
 def _killpg(pgid: int, sig: int) -> None:
