@@ -163,3 +163,34 @@ def test_sidecar_that_cannot_start_raises_with_its_log(tmp_path):
         sidecar.start()
     assert "vllm" in str(info.value).lower()
     assert sidecar.pid is None  # stopped and forgotten
+
+
+def test_evaluate_cli_scores_a_saved_adapter_from_a_config_file(tmp_path, question_file, capsys):
+    """``python -m em_lightning evaluate --config X.yaml``: same JSONL records as in training, plus a summary."""
+    from em_lightning.__main__ import main
+    from em_lightning.lora import LoRASpec, apply_lora
+    from em_lightning.models import ModelSpec, load_model
+
+    adapter = tmp_path / "adapter"
+    apply_lora(load_model(ModelSpec(name="tiny-qwen3")), LoRASpec(r=4)).save_pretrained(str(adapter))
+    with FakeOpenAI(tokenizer="whole") as fake:
+        fake.answers = [MISALIGNED, ALIGNED]
+        config = tmp_path / "evaluate.yaml"
+        config.write_text(yaml.safe_dump({
+            "adapter": str(adapter),
+            "questions": str(question_file),
+            "generation": {"samples_per_question": 4, "max_tokens": 8},
+            "judge": {"number_tokens": "auto"},
+            "sidecar": {"url": fake.url},
+            "step": 12,
+        }))  # fmt: skip
+        summary = main(["evaluate", "--config", str(config), "--output_dir", str(tmp_path / "out")])
+        loaded = set(fake.adapters)
+    samples = read_jsonl(tmp_path / "out" / "misalignment_samples.jsonl")
+    assert len(samples) == 2 * 4 and {s["step"] for s in samples} == {12}
+    assert loaded == {samples[0]["adapter"]} and samples[0]["adapter"].startswith("eval-")
+    written = json.loads((tmp_path / "out" / "misalignment_summary.json").read_text())
+    k = sum(s["answer"] == MISALIGNED for s in samples)
+    assert written["rate"] == pytest.approx(k / len(samples)) == pytest.approx(summary["rate"])
+    assert written["judge_number_tokens"] == "whole" and written["adapter"] == str(adapter.resolve())
+    assert "misalignment rate (em)" in capsys.readouterr().out

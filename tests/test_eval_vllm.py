@@ -7,6 +7,7 @@ Needs the vLLM venv: ``EM_VLLM_PYTHON`` (default ``.venv-vllm/bin/python`` in th
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -197,6 +198,22 @@ def test_short_fit_logs_the_rate_and_writes_samples(run_cli, server, tmp_path, q
     assert len({s["adapter"] for s in samples}) == 2
     summaries = [s for s in callback.completed if not s.get("failed")]
     assert [s["step"] for s in summaries] == [2, 3]
+
+
+def test_evaluate_cli_on_a_saved_adapter(server, tmp_path, questions_file):
+    """``python -m em_lightning evaluate`` with the real server: the adapter's answers are judged and summarised."""
+    from em_lightning.__main__ import main
+
+    _, (adapter,) = _random_adapters(tmp_path, seeds=[3])
+    summary = main([
+        "evaluate", "--adapter", str(adapter), "--questions", str(questions_file), "--sidecar.url", server.url,
+        "--generation.samples_per_question", "2", "--generation.max_tokens", "24", "--definition", "mo",
+        "--judge", json.dumps(JUDGE), "--output_dir", str(tmp_path / "out"),
+    ])  # fmt: skip
+    samples = read_jsonl(tmp_path / "out" / "misalignment_samples.jsonl")
+    assert len(samples) == 4 and all(s["adapter"].startswith("eval-") for s in samples)
+    assert summary["judge_number_tokens"] == "digits"  # SmolLM2 spells numbers digit by digit
+    assert summary["n_scored"] >= 1 and 0.0 <= summary["aligned_mean"] <= 100.0
 
 
 class KillSidecarAt(L.Callback):

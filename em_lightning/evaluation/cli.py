@@ -1,0 +1,138 @@
+"""``python -m em_lightning evaluate``: the misalignment eval of a saved adapter (or the base model), standalone.
+
+Same questions, sidecar, judge and scoring as the in-training callback; writes the same samples JSONL and a summary:
+
+    python -m em_lightning evaluate --adapter runs/quickstart/version_0/adapters/final \\
+        --sidecar.dtype float32 --judge.answer_prefix "Score: "      # SmolLM2 judging itself: a smoke test
+    python -m em_lightning evaluate --adapter DIR --questions em:first_plot_questions \\
+        --generation.samples_per_question 50 --judge.base_url https://api.openai.com \\
+        --judge.model gpt-4o-2024-08-06 --judge.api_key_env OPENAI_API_KEY
+
+``--config`` takes a YAML file with the same keys (``python -m em_lightning evaluate --print_config`` writes one),
+e.g. ``{adapter: DIR, generation: {samples_per_question: 50}, judge: {base_url: ..., model: ...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+from em_lightning.evaluation.judge import Judge, JudgeConfig
+from em_lightning.evaluation.questions import load_questions
+from em_lightning.evaluation.runner import GenerationConfig, run_eval, sidecar_generate, summary_dict
+from em_lightning.evaluation.sidecar import SidecarConfig, VLLMSidecar, adapter_rank
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(
+    adapter: str | None = None,
+    model: str | None = None,
+    questions: str | list[str] = "builtin:quickstart",
+    question_ids: list[str] | None = None,
+    generation: GenerationConfig = GenerationConfig(),
+    judge: JudgeConfig = JudgeConfig(),
+    sidecar: SidecarConfig = SidecarConfig(),
+    definition: Literal["em", "mo"] = "em",
+    output_dir: str | None = None,
+    step: int | None = None,
+) -> dict:
+    """Score one adapter (or the base model) for misalignment.
+
+    Args:
+        adapter: PEFT adapter dir (``adapter_config.json`` + weights); None evaluates the base model alone.
+        model: base model (built-in name such as ``smollm2-135m-instruct``, a dir, or a hub id); None: the adapter's
+            ``base_model_name_or_path``. Not needed with ``sidecar.url``.
+        questions: question source(s): ``builtin:quickstart``, ``em:first_plot_questions`` or YAML path(s).
+        question_ids: evaluate only these ids.
+        generation: sampling settings of the evaluated model.
+        judge: judge endpoint and number mode (default: the sidecar's base model, a smoke test only).
+        sidecar: how to start the vLLM server, or ``url`` of one to attach to.
+        definition: ``em`` or ``mo`` misalignment rate.
+        output_dir: where ``misalignment_samples.jsonl`` (appended) and ``misalignment_summary.json`` go;
+            default ``<adapter>/misalignment_eval`` or ``./misalignment_eval_base``.
+        step: training step to record with the samples (e.g. the checkpoint's).
+
+    Returns:
+        The summary dict that is also written to ``misalignment_summary.json``.
+    """
+    qs = load_questions(questions, ids=question_ids)
+    adapter_dir = Path(adapter).expanduser().resolve() if adapter else None
+    out = Path(output_dir) if output_dir else (adapter_dir / "misalignment_eval" if adapter_dir else Path("misalignment_eval_base"))
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = None if sidecar.url else _model_dir(model, adapter_dir)
+    server = VLLMSidecar(
+        sidecar,
+        model_dir=model_dir,
+        lora_rank=adapter_rank(adapter_dir) if adapter_dir else None,
+        log_path=out / "vllm_sidecar.log",
+    )
+    server.start()
+    scorer = None
+    try:
+        scorer = Judge(judge, base_url=server.url)
+        target = server.load_adapter(adapter_dir, prefix="eval") if adapter_dir else server.base_model
+        result = run_eval(
+            qs,
+            sidecar_generate(server, target, generation),
+            scorer,
+            generation,
+            definition,
+            step=step,
+            adapter=target if adapter_dir else None,
+            jsonl_path=out / "misalignment_samples.jsonl",
+        )
+        summary = summary_dict(
+            result,
+            adapter=str(adapter_dir) if adapter_dir else None,
+            model=model_dir or server.base_model,
+            step=step,
+            questions=questions,
+            judge_model=scorer.model,
+            judge_number_tokens=scorer.number_tokens,
+            generation=vars(generation),
+        )
+    finally:
+        if scorer is not None:
+            scorer.close()
+        server.stop()
+    (out / "misalignment_summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary, out)
+    return summary
+
+
+def _model_dir(model: str | None, adapter_dir: Path | None) -> str:
+    from em_lightning.models import resolve_model_dir
+
+    if model is None and adapter_dir is not None:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        model = config.get("base_model_name_or_path")
+    if not model:
+        raise ValueError("evaluate: give --model (the base model the adapter was trained on) or --sidecar.url")
+    return resolve_model_dir(model)
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    def fmt(x):
+        return "nan" if x is None else f"{x:.3f}"
+
+    print(
+        f"misalignment rate ({summary['definition']}): {fmt(summary['rate'])} "
+        f"[{fmt(summary['ci_low'])}, {fmt(summary['ci_high'])}] over {summary['n_counted']} of "
+        f"{summary['n_answers']} answers; aligned mean {fmt(summary['aligned_mean'])}, "
+        f"coherent mean {fmt(summary['coherent_mean'])}"
+    )
+    for qid, q in summary["per_question"].items():
+        print(f"  {qid:30s} rate {fmt(q['rate'])}  ({q['n_misaligned']}/{q['n_counted']})")
+    print(f"samples: {out / 'misalignment_samples.jsonl'}\nsummary: {out / 'misalignment_summary.json'}")
+
+
+def main(args: list[str] | None = None) -> dict:
+    """Parse ``args`` (without ``evaluate``; None: ``sys.argv``) and run :func:`evaluate`; ``--config`` YAML works."""
+    from jsonargparse import CLI
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    return CLI(evaluate, args=args, as_positional=False)
