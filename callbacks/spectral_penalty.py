@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from em_lightning.spectra import PENALTIES, get_penalty, spectral_penalty
+from em_lightning.spectra import PENALTIES, check_not_fsdp1, find_lora_layers, get_penalty, spectral_penalty
 
 
 class SpectralPenalty(L.Callback):
@@ -51,6 +51,7 @@ class SpectralPenalty(L.Callback):
         self.form, self.coeff, self.warmup_steps, self.name = form, coeff, warmup_steps, name
         self._value: torch.Tensor | None = None
         self._coeff = 0.0
+        self._layers = None  # (model, its LoRA layers): found once, not on every step
 
     def coefficient(self, step: int) -> float:
         """The coefficient at optimizer step ``step`` (0-based): linear warm-up from 0, then ``coeff``."""
@@ -68,11 +69,15 @@ class SpectralPenalty(L.Callback):
     def teardown(self, trainer, pl_module, stage):
         if stage == "fit" and hasattr(pl_module, "remove_loss_term"):
             pl_module.remove_loss_term(self.name)  # a second fit() with this callback registers afresh
+        self._layers = None
 
     def _loss_term(self, module) -> torch.Tensor:
         """Called by ``training_step`` for every (micro-)batch; returns the weighted, differentiable term."""
         self._coeff = self.coefficient(module.trainer.global_step)
-        value = spectral_penalty(module.model, self.form)
+        if self._layers is None or self._layers[0] is not module.model:
+            check_not_fsdp1(module.model)
+            self._layers = (module.model, find_lora_layers(module.model))
+        value = spectral_penalty(module.model, self.form, self._layers[1])
         self._value = value.detach()
         return self._coeff * value
 

@@ -30,7 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from em_lightning.spectra import iter_lora_modules, lora_singular_values, spectral_penalty  # noqa: E402
+from em_lightning.spectra import (  # noqa: E402
+    find_lora_layers,
+    lora_singular_values,
+    lora_spectra,
+    spectral_penalty,
+)
 
 SHAPES = [(576, 576, 8), (4096, 4096, 32), (14336, 4096, 32)]
 
@@ -63,21 +68,24 @@ def _time(fn, device: str, repeats: int, warmup: int = 1) -> float:
 
 # ------------------------------------------------------------------------------------------ (a) factored vs dense
 def bench_factored_vs_dense(device: str, repeats: int, dense_repeats: int) -> None:
-    print(f"\n(a) singular values of s·B·A, float32, device={device}, threads={torch.get_num_threads()}, "
+    print(f"\n(a) singular values of s·B·A, float32 inputs, device={device}, threads={torch.get_num_threads()}, "
           f"median of {repeats} (factored) / {dense_repeats} (dense) timed calls after one warm-up each")
-    print(f"{'d_out x d_in, r':>22} {'factored ms':>12} {'dense ms':>12} {'speed-up':>9} {'max rel err':>12}")
+    print("    factored = lora_singular_values (default method='gram'); qr = method='qr'; dense = svdvals(s * B @ A); "
+          "rel err = max |σ - σ_dense| / σ₁")
+    print(f"{'d_out x d_in, r':>22} {'factored ms':>12} {'qr ms':>9} {'dense ms':>12} {'speed-up':>9} "
+          f"{'rel err':>9} {'qr rel err':>10}")
     g = torch.Generator().manual_seed(0)
     for d_out, d_in, r in SHAPES:
         B = torch.randn(d_out, r, generator=g).to(device)
         A = (torch.randn(r, d_in, generator=g) / d_in**0.5).to(device)
         scale = 16 / r
-        fact = lora_singular_values(B, A, scale)
         dense = torch.linalg.svdvals(scale * B @ A)[:r]
-        err = ((fact - dense).abs().max() / dense[0]).item()
+        err = {m: ((lora_singular_values(B, A, scale, m) - dense).abs().max() / dense[0]).item() for m in ("gram", "qr")}
         t_fact = _time(lambda: lora_singular_values(B, A, scale), device, repeats)
+        t_qr = _time(lambda: lora_singular_values(B, A, scale, "qr"), device, repeats)
         t_dense = _time(lambda: torch.linalg.svdvals(scale * B @ A), device, dense_repeats, warmup=0)
-        print(f"{f'{d_out}x{d_in}, r={r}':>22} {t_fact * 1e3:12.3f} {t_dense * 1e3:12.1f} "
-              f"{t_dense / t_fact:8.0f}x {err:12.2e}")
+        print(f"{f'{d_out}x{d_in}, r={r}':>22} {t_fact * 1e3:12.3f} {t_qr * 1e3:9.3f} {t_dense * 1e3:12.1f} "
+              f"{t_dense / t_fact:8.0f}x {err['gram']:9.1e} {err['qr']:10.1e}")
 
 
 # ------------------------------------------------------------------------------------ (b) training-step overhead
@@ -145,10 +153,15 @@ def _fit(args, variant: str, rows) -> list[float]:
     L.seed_everything(args.seed, verbose=False)
     timer = _step_timer(args.device, args.warmup_steps)
     callbacks = [timer]
-    if "logger" in variant:
+    parts = set(variant.split("+"))
+    if "logger" in parts:
         callbacks.append(SpectrumLogger(every_n_steps=1))
-    if "penalty" in variant:
+    if "logger_lean" in parts:
+        callbacks.append(SpectrumLogger(every_n_steps=1, per_module_every_n_steps=50))
+    if "penalty" in parts:
         callbacks.append(SpectralPenalty(coeff=0.1))
+    if not parts <= {"none", "logger", "logger_lean", "penalty"}:
+        raise SystemExit(f"unknown run {variant!r} in --order")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
             accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1, precision=args.precision,
@@ -164,21 +177,15 @@ def _fit(args, variant: str, rows) -> list[float]:
 
 
 def _components(args, module) -> None:
+    """The spectrum pieces alone on the trained adapter, as the callbacks run them (layers found once)."""
     model = module.model
-    n = sum(1 for _ in iter_lora_modules(model))
-
-    def spectra():
-        with torch.no_grad():
-            return [lora_singular_values(B, A, s) for _, _, B, A, s in iter_lora_modules(model)]
-
-    def penalty():
-        spectral_penalty(model).backward()
-
-    t_s = _time(spectra, args.device, 5)
-    t_p = _time(penalty, args.device, 5)
+    layers = find_lora_layers(model)
+    t_walk = _time(lambda: find_lora_layers(model), args.device, 5)
+    t_s = _time(lambda: lora_spectra(model, layers), args.device, 5)
+    t_p = _time(lambda: spectral_penalty(model, layers=layers).backward(), args.device, 5)
     model.zero_grad(set_to_none=True)
-    print(f"    components on {n} adapters: all σ (no grad) {t_s * 1e3:.1f} ms; penalty forward+backward "
-          f"{t_p * 1e3:.1f} ms")
+    print(f"    components on {len(layers)} adapters: finding them {t_walk * 1e3:.1f} ms (once per fit); all σ "
+          f"(no grad) {t_s * 1e3:.1f} ms; penalty forward+backward {t_p * 1e3:.1f} ms")
 
 
 def bench_training(args) -> None:
@@ -186,8 +193,10 @@ def bench_training(args) -> None:
           f"LoRA r={args.rank} on all 7 projections, batch={args.batch_size}, seq_len={args.seq_len}, "
           f"precision={args.precision}, device={args.device}, seed={args.seed}, AdamW; "
           f"{args.warmup_steps} warm-up + {args.steps} timed steps per run, order {' → '.join(args.order)}")
-    print("    callbacks: SpectrumLogger(every_n_steps=1; per-module scalars + histograms; plot every 10 steps; "
-          "spectra.jsonl) + SpectralPenalty(frob_nuclear_ratio, coeff=0.1), against none")
+    print("    logger: SpectrumLogger(every_n_steps=1): all scalars + histograms incl. 210 per-module ones, plot every 100 "
+          "steps, spectra.jsonl, every step;\n    logger_lean: the same but per-module scalars/histograms every 50 "
+          "steps (aggregates, jsonl every step);\n    penalty: SpectralPenalty(frob_nuclear_ratio, coeff=0.1) every "
+          "step")
     rows = _rows(args, vocab=SMOLLM2_CONFIG["vocab_size"])
     results: dict[str, list[float]] = {}
     for variant in args.order:
@@ -217,10 +226,14 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default=None, help="cpu 32-true, cuda bf16-mixed")
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (cpu 8, cuda 40)")
-    p.add_argument("--order", default="none,logger+penalty",
-                   help="comma-separated runs: none, logger, penalty, logger+penalty (repeat to interleave)")
+    p.add_argument("--order", default="none,logger+penalty,logger_lean+penalty,none",
+                   help="comma-separated runs, each none or a +-joined set of logger, logger_lean, penalty; a "
+                        "repeated name adds to its steps (interleave to average out drift)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")

@@ -17,6 +17,8 @@ from em_lightning.spectra import (
     spectral_penalty,
 )
 
+METHODS = ["gram", "qr"]
+
 SHAPES = [  # (d_out, d_in, r): square, tall, wide, rank 1, rank 64, r close to a side
     (48, 48, 8),
     (96, 40, 4),
@@ -34,13 +36,14 @@ def _factors(d_out, d_in, r, seed, dtype=torch.float32):
     return B.requires_grad_(), A.requires_grad_()
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("d_out,d_in,r", SHAPES)
-def test_values_and_gradients_match_dense_svdvals(d_out, d_in, r):
+def test_values_and_gradients_match_dense_svdvals(d_out, d_in, r, method):
     B, A = _factors(d_out, d_in, r, seed=d_out + d_in + r)
     scale = 16 / r
     weights = torch.rand(r, generator=torch.Generator().manual_seed(r))  # a generic linear functional of σ
 
-    sigma = lora_singular_values(B, A, scale)
+    sigma = lora_singular_values(B, A, scale, method)
     (weights * sigma).sum().backward()
     gB, gA = B.grad.clone(), A.grad.clone()
     B.grad = A.grad = None
@@ -55,19 +58,21 @@ def test_values_and_gradients_match_dense_svdvals(d_out, d_in, r):
     torch.testing.assert_close(gA, A.grad, rtol=1e-3, atol=1e-4 * A.grad.abs().max().item())
 
 
-def test_negative_and_tensor_scale():
+@pytest.mark.parametrize("method", METHODS)
+def test_negative_and_tensor_scale(method):
     B, A = _factors(20, 30, 5, seed=1)
     dense = torch.linalg.svdvals(B @ A)[:5]
-    torch.testing.assert_close(lora_singular_values(B, A, -2.0), 2 * dense, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lora_singular_values(B, A, -2.0, method), 2 * dense, rtol=1e-4, atol=1e-5)
     s = torch.tensor(0.5, requires_grad=True)
-    lora_singular_values(B, A, s).sum().backward()
+    lora_singular_values(B, A, s, method).sum().backward()
     torch.testing.assert_close(s.grad, dense.sum(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs_are_upcast(dtype):
+def test_low_precision_inputs_are_upcast(dtype, method):
     B, A = _factors(64, 48, 8, seed=3, dtype=dtype)
-    sigma = lora_singular_values(B, A, 2.0)
+    sigma = lora_singular_values(B, A, 2.0, method)
     assert sigma.dtype == torch.float32
     dense = torch.linalg.svdvals(2.0 * B.detach().float() @ A.detach().float())[:8]
     torch.testing.assert_close(sigma, dense, rtol=1e-4, atol=1e-4 * dense[0].item())
@@ -76,23 +81,25 @@ def test_low_precision_inputs_are_upcast(dtype):
     assert torch.isfinite(B.grad.float()).all() and torch.isfinite(A.grad.float()).all()
 
 
-def test_float64_stays_float64():
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_stays_float64(method):
     B, A = _factors(10, 12, 3, seed=4, dtype=torch.float64)
-    assert lora_singular_values(B, A).dtype == torch.float64
+    assert lora_singular_values(B, A, method=method).dtype == torch.float64
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("r", [1, 8])
-def test_zero_B_gives_zeros_and_finite_gradients(r):
+def test_zero_B_gives_zeros_and_finite_gradients(r, method):
     _, A = _factors(32, 24, r, seed=5)
     B = torch.zeros(32, r, requires_grad=True)
-    sigma = lora_singular_values(B, A, 2.0)
+    sigma = lora_singular_values(B, A, 2.0, method)
     assert torch.equal(sigma, torch.zeros(r))
     sigma.sum().backward()
     assert torch.isfinite(B.grad).all() and torch.isfinite(A.grad).all()
 
     for name, fn in PENALTIES.items():
         B.grad = A.grad = None
-        value = fn(lora_singular_values(B, A, 2.0))
+        value = fn(lora_singular_values(B, A, 2.0, method))
         value.backward()
         assert value.item() == 0.0, name
         assert torch.equal(B.grad, torch.zeros_like(B)), name
@@ -102,24 +109,27 @@ def test_zero_B_gives_zeros_and_finite_gradients(r):
     assert all(torch.isfinite(v) and v.item() == 0.0 for v in metrics.values()), metrics
 
 
-def test_rank_deficient_B_has_finite_penalty_gradients():
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_deficient_B_has_finite_penalty_gradients(method):
     _, A = _factors(40, 30, 6, seed=6)
     B = torch.zeros(40, 6)
     B[:, 0] = torch.randn(40)  # rank one: five exact zero singular values
     B.requires_grad_()
     for name, fn in PENALTIES.items():
         B.grad = None
-        value = fn(lora_singular_values(B, A))
+        value = fn(lora_singular_values(B, A, method=method))
         value.backward()
         assert torch.isfinite(value), name
         assert torch.isfinite(B.grad).all(), name
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("form", sorted(PENALTIES))
-def test_penalty_gradients_match_finite_differences(form):
+def test_penalty_gradients_match_finite_differences(form, method):
     B, A = _factors(9, 7, 4, seed=7, dtype=torch.float64)
     fn = PENALTIES[form]
-    assert torch.autograd.gradcheck(lambda b, a: fn(lora_singular_values(b, a, 0.75)), (B, A), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda b, a: fn(lora_singular_values(b, a, 0.75, method)), (B, A), eps=1e-6,
+                                    atol=1e-5)
 
 
 @pytest.mark.parametrize("r", [2, 5, 16])
@@ -182,6 +192,8 @@ def test_walker_yields_every_lora_module_with_its_delta(use_rslora):
             torch.nn.init.normal_(p, std=0.1)
     found = list(iter_lora_modules(model))
     assert len(found) == 2 * 3  # 2 layers × 3 targets
+    cached = list(iter_lora_modules(model, spectra.find_lora_layers(model)))
+    assert [(n, p, B, A, s) for n, p, B, A, s in cached] == found
     assert len({name for name, *_ in found}) == len(found)
     assert sorted({proj for _, proj, *_ in found}) == ["down_proj", "q_proj", "v_proj"]
     expected_scale = 8 / math.sqrt(4) if use_rslora else 8 / 4
@@ -229,19 +241,21 @@ def test_lora_spectra_detached():
     assert sigma.shape == (4,) and not sigma.requires_grad
 
 
-def test_autocast_does_not_lower_precision():
+@pytest.mark.parametrize("method", METHODS)
+def test_autocast_does_not_lower_precision(method):
     B, A = _factors(64, 48, 8, seed=8)
-    expected = lora_singular_values(B, A)
+    expected = lora_singular_values(B, A, method=method)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = lora_singular_values(B, A)
+        got = lora_singular_values(B, A, method=method)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_batched_and_grouped_match_one_by_one():
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_and_grouped_match_one_by_one(method):
     shapes = [(48, 40, 4), (20, 40, 4), (48, 40, 4), (48, 40, 4), (20, 40, 4), (30, 25, 2)]
     factors = [(*_factors(d_out, d_in, r, seed=10 + i), 0.5 + i) for i, (d_out, d_in, r) in enumerate(shapes)]
-    groups = grouped_singular_values(factors)
+    groups = grouped_singular_values(factors, method)
     assert sorted(i for idx, _ in groups for i in idx) == list(range(len(shapes)))
     assert len(groups) == 3  # one batch per distinct shape
     weights = torch.rand(len(shapes), 4, generator=torch.Generator().manual_seed(0))
@@ -250,9 +264,28 @@ def test_batched_and_grouped_match_one_by_one():
     grouped_grads = [(B.grad.clone(), A.grad.clone()) for B, A, _ in factors]
     for i, (B, A, scale) in enumerate(factors):
         B.grad = A.grad = None
-        one = lora_singular_values(B, A, scale)
+        one = lora_singular_values(B, A, scale, method)
         idx, sigma = next((idx, sigma) for idx, sigma in groups if i in idx)
         torch.testing.assert_close(sigma[idx.index(i)], one)
         (weights[i, : one.shape[-1]] * one).sum().backward()
         torch.testing.assert_close(grouped_grads[i][0], B.grad)
         torch.testing.assert_close(grouped_grads[i][1], A.grad)
+
+
+def test_gram_floors_negligible_values_and_qr_keeps_them():
+    """A rank-2 update: gram reports the 6 zero singular values as exact zeros; both agree on the non-zero ones."""
+    _, A = _factors(50, 40, 8, seed=9)
+    B = torch.zeros(50, 8)
+    B[:, :2] = torch.randn(50, 2)
+    gram, qr = lora_singular_values(B, A, method="gram"), lora_singular_values(B, A, method="qr")
+    assert torch.equal(gram[2:], torch.zeros(6))
+    assert (qr[2:] < 1e-5 * qr[0]).all()
+    torch.testing.assert_close(gram[:2], qr[:2], rtol=1e-5, atol=0)
+
+
+def test_bad_method_and_shapes_are_clear_errors():
+    B, A = _factors(10, 12, 3, seed=4)
+    with pytest.raises(ValueError, match="method"):
+        lora_singular_values(B, A, method="svd")
+    with pytest.raises(ValueError, match="rank mismatch"):
+        lora_singular_values(B, A.T)

@@ -106,7 +106,6 @@ def test_penalty_gradient_is_the_coefficient_times_the_penalty_gradient():
         torch.testing.assert_close(a[n] - b[n], expected[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-@pytest.mark.slow
 def test_penalty_flattens_the_spectrum():
     """Same seed, same data: the run with the penalty ends with higher spectral entropy in every module."""
     rows = _rows(32, seed=1)
