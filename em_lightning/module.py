@@ -110,11 +110,13 @@ class LoRAFineTune(L.LightningModule):
         n_tokens = mask.sum()
         if self.supervised_logits_only:
             lm = self.model.get_base_model()
-            hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            hidden = lm.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            )
             hidden = hidden.last_hidden_state[:, :-1][mask]
             logits = _apply_softcap(lm.get_output_embeddings()(hidden), lm.config)
         else:
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             logits = out.logits[:, :-1][mask]
         loss = F.cross_entropy(logits.float(), labels[mask], reduction="sum") / n_tokens.clamp(min=1)
         return loss, n_tokens
