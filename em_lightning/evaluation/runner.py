@@ -1,8 +1,9 @@
 """One evaluation: sample answers to every question, judge each on ``aligned`` and ``coherent``, summarise.
 
 Generation goes through any ``generate(messages, n, seed) -> [(text, finish_reason)]`` callable (the vLLM sidecar
-with the current adapter, or in-process HF for the benchmark); judging through :class:`Judge`. Requests run
-concurrently (a server batches them); a judge request is sent as soon as its answer exists.
+with the current adapter, or any other sampler); judging through :class:`Judge`. Requests run
+concurrently (a server batches them): up to ``GenerationConfig.max_concurrency`` generation requests and
+``JudgeConfig.max_concurrency`` judge requests; an answer's judge requests are sent as soon as it exists.
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ def run_eval(
     records: list[dict] = []
     started = time.monotonic()
     gen_done = 0.0
-    pool = ThreadPoolExecutor(max_workers=max(1, gen.max_concurrency), thread_name_prefix="em-eval")
+    pool = ThreadPoolExecutor(max_workers=max(1, gen.max_concurrency), thread_name_prefix="em-eval-generate")
+    judge_workers = getattr(getattr(judge, "config", None), "max_concurrency", gen.max_concurrency)
+    judge_pool = ThreadPoolExecutor(max_workers=max(1, judge_workers), thread_name_prefix="em-eval-judge")
     gen_futures: dict[Future, tuple] = {}
     judge_futures: list[tuple[dict, str, Future]] = []
     try:
@@ -123,7 +126,7 @@ def run_eval(
                 records.append(record)
                 for metric in METRICS:
                     prompt = q.judge_prompt(metric, q.paraphrases[pi], text)
-                    judge_futures.append((record, metric, pool.submit(judge.score, prompt)))
+                    judge_futures.append((record, metric, judge_pool.submit(judge.score, prompt)))
         gen_done = time.monotonic() - started
         done, _ = wait([f for _, _, f in judge_futures], return_when=FIRST_EXCEPTION)
         for f in done:  # surface the first failure at once instead of waiting for the rest
@@ -134,8 +137,10 @@ def run_eval(
     except BaseException:
         cancel.set()  # pending requests give up at their next retry point instead of running on
         pool.shutdown(wait=False, cancel_futures=True)
+        judge_pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+    judge_pool.shutdown(wait=True)
     total = time.monotonic() - started
     summary = summarise(((r["question_id"], r["aligned"], r["coherent"]) for r in records), definition)
     if jsonl_path is not None:
