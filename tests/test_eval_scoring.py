@@ -1,4 +1,5 @@
-"""score_from_logprobs, both misalignment definitions, Wilson bounds and the torchmetrics metric on hand-made inputs."""
+"""score_from_logprobs, both misalignment definitions, Wilson bounds and the torchmetrics metric, on
+hand-made inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import random
 import pytest
 import torch
 
-from em_lightning.evaluation import MisalignmentRate, classify, score_from_logprobs, summarise, wilson_interval
+from em_lightning.evaluation import (
+    MisalignmentRate,
+    classify,
+    score_from_logprobs,
+    summarise,
+    wilson_interval,
+)
 from em_lightning.evaluation.scoring import parse_score_token
 
 ln = math.log
@@ -105,12 +112,15 @@ def test_wilson_interval_known_values_and_edges():
     assert wilson_interval(0, 20) == (0.0, pytest.approx(z2 / (20 + z2)))  # closed form at k = 0
     low, high = wilson_interval(20, 20)
     assert high == 1.0 and low == pytest.approx(20 / (20 + z2))
-    for k in range(0, 13):  # symmetric under k -> n - k, always brackets the point estimate
+    for k in range(13):  # symmetric under k -> n - k, always brackets the point estimate
         lo, hi = wilson_interval(k, 12)
         lo2, hi2 = wilson_interval(12 - k, 12)
         assert lo == pytest.approx(1 - hi2) and hi == pytest.approx(1 - lo2)
         assert 0 <= lo <= k / 12 <= hi <= 1
-    assert wilson_interval(3, 10)[1] - wilson_interval(3, 10)[0] > wilson_interval(30, 100)[1] - wilson_interval(30, 100)[0]
+    assert (
+        wilson_interval(3, 10)[1] - wilson_interval(3, 10)[0]
+        > wilson_interval(30, 100)[1] - wilson_interval(30, 100)[0]
+    )
     with pytest.raises(ValueError):
         wilson_interval(5, 3)
 
@@ -136,7 +146,9 @@ def test_metric_matches_summarise(definition):
     out = metric.compute()
     ref = summarise(samples, definition)
     assert out["rate"].item() == pytest.approx(ref.rate)
-    assert out["ci_low"].item() == pytest.approx(ref.ci_low) and out["ci_high"].item() == pytest.approx(ref.ci_high)
+    assert out["ci_low"].item() == pytest.approx(ref.ci_low) and out["ci_high"].item() == pytest.approx(
+        ref.ci_high
+    )
     assert out["aligned_mean"].item() == pytest.approx(ref.aligned_mean)
     assert out["coherent_mean"].item() == pytest.approx(ref.coherent_mean)
     for j, q in enumerate("abc"):
@@ -166,14 +178,16 @@ def _ddp_worker(rank, world, init_file, shards, definition, out_file):
 
 @pytest.mark.parametrize("definition", ["em", "mo"])
 def test_metric_reduces_across_two_ranks_like_one_process(tmp_path, definition):
-    """Two gloo ranks with unequal shards: the reduced rate equals the rate on all answers, not the mean of rates."""
+    """Two gloo ranks, unequal shards: the reduced rate is the rate on all answers, not the mean of rates."""
     import torch.multiprocessing as mp
 
     samples = _random_samples(90, seed=2)
     shards = [samples[:20], samples[20:]]  # unequal on purpose: averaging per-rank rates would differ
     out_file = tmp_path / "out.pt"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), shards, definition, str(out_file)), nprocs=2, join=True)
+    mp.spawn(
+        _ddp_worker, args=(2, str(tmp_path / "init"), shards, definition, str(out_file)), nprocs=2, join=True
+    )
     out = torch.load(out_file)
     ref = summarise(samples, definition)
     assert out["rate"].item() == pytest.approx(ref.rate)

@@ -1,6 +1,7 @@
-"""``python -m em_lightning evaluate``: the misalignment eval of a saved adapter (or the base model), standalone.
+"""``python -m em_lightning evaluate``: the misalignment eval of a saved adapter (or the base model).
 
-Same questions, sidecar, judge and scoring as the in-training callback; writes the same samples JSONL and a summary:
+Same questions, sidecar, judge and scoring as the in-training callback; writes the same samples JSONL and a
+summary:
 
     python -m em_lightning evaluate --adapter runs/quickstart/version_0/adapters/final \\
         --sidecar.dtype float32 --judge.answer_prefix "Score: "      # SmolLM2 judging itself: a smoke test
@@ -8,8 +9,8 @@ Same questions, sidecar, judge and scoring as the in-training callback; writes t
         --generation.samples_per_question 50 --judge.base_url https://api.openai.com \\
         --judge.model gpt-4o-2024-08-06 --judge.api_key_env OPENAI_API_KEY
 
-``--config`` takes a YAML file with the same keys (``python -m em_lightning evaluate --print_config`` writes one),
-e.g. ``{adapter: DIR, generation: {samples_per_question: 50}, judge: {base_url: ..., model: ...}}``.
+``--config`` takes a YAML file with the same keys (``python -m em_lightning evaluate --print_config`` writes
+one), e.g. ``{adapter: DIR, generation: {samples_per_question: 50}, judge: {base_url: ..., model: ...}}``.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def evaluate(
 
     Args:
         adapter: PEFT adapter dir (``adapter_config.json`` + weights); None evaluates the base model alone.
-        model: base model (built-in name such as ``smollm2-135m-instruct``, a dir, or a hub id); None: the adapter's
-            ``base_model_name_or_path``. Not needed with ``sidecar.url``.
+        model: base model (built-in name such as ``smollm2-135m-instruct``, a dir, or a hub id); None: the
+            adapter's ``base_model_name_or_path``. Not needed with ``sidecar.url``.
         questions: question source(s): ``builtin:quickstart``, ``em:first_plot_questions`` or YAML path(s).
         question_ids: evaluate only these ids.
         generation: sampling settings of the evaluated model.
@@ -60,7 +61,11 @@ def evaluate(
     """
     qs = load_questions(questions, ids=question_ids)
     adapter_dir = Path(adapter).expanduser().resolve() if adapter else None
-    out = Path(output_dir) if output_dir else (adapter_dir / "misalignment_eval" if adapter_dir else Path("misalignment_eval_base"))
+    out = (
+        Path(output_dir)
+        if output_dir
+        else (adapter_dir / "misalignment_eval" if adapter_dir else Path("misalignment_eval_base"))
+    )
     out.mkdir(parents=True, exist_ok=True)
     model_dir = None if sidecar.url else _model_dir(model, adapter_dir)
     server = VLLMSidecar(
@@ -110,7 +115,9 @@ def _model_dir(model: str | None, adapter_dir: Path | None) -> str:
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         model = config.get("base_model_name_or_path")
     if not model:
-        raise ValueError("evaluate: give --model (the base model the adapter was trained on) or --sidecar.url")
+        raise ValueError(
+            "evaluate: give --model (the base model the adapter was trained on) or --sidecar.url"
+        )
     return resolve_model_dir(model)
 
 
@@ -130,7 +137,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def main(args: list[str] | None = None) -> dict:
-    """Parse ``args`` (without ``evaluate``; None: ``sys.argv``) and run :func:`evaluate`; ``--config`` YAML works."""
+    """Parse ``args`` (after ``evaluate``; None: ``sys.argv``), run :func:`evaluate`; ``--config`` works."""
     from jsonargparse import CLI
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -1,4 +1,4 @@
-"""A small client for OpenAI-compatible HTTP endpoints (vLLM, hosted APIs): timeouts and bounded retries everywhere.
+"""A small client for OpenAI-compatible HTTP endpoints (vLLM, hosted APIs): timeouts and bounded retries.
 
 Every request has a timeout; transient failures (connection errors, timeouts, HTTP 429 and 5xx) are retried a
 bounded number of times with exponential backoff; other HTTP errors and malformed JSON raise at once. A shared
@@ -31,8 +31,8 @@ class OpenAIClient:
 
     Args:
         base_url: e.g. ``http://127.0.0.1:8000`` (with or without a trailing ``/v1``; paths below add it).
-        api_key_env: name of an environment variable holding the API key, sent as a bearer token. The key itself
-            is never stored in config, logged, or put in an exception message.
+        api_key_env: name of an environment variable holding the API key, sent as a bearer token. The key
+            itself is never stored in config, logged, or put in an exception message.
         timeout_s: per-request timeout (connect, read, write).
         max_retries: retries after the first attempt for transient failures.
         cancel: when set, requests raise :class:`Cancelled` before they start and between retries.
@@ -53,7 +53,9 @@ class OpenAIClient:
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
-                raise EndpointError(f"environment variable {api_key_env!r} (judge/api key) is not set or empty")
+                raise EndpointError(
+                    f"environment variable {api_key_env!r} (judge/api key) is not set or empty"
+                )
             headers["Authorization"] = f"Bearer {key}"
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
@@ -65,7 +67,12 @@ class OpenAIClient:
         self._http.close()
 
     def request(
-        self, method: str, path: str, payload: dict | None = None, retries: int | None = None, json_answer: bool = True
+        self,
+        method: str,
+        path: str,
+        payload: dict | None = None,
+        retries: int | None = None,
+        json_answer: bool = True,
     ) -> Any:
         """Body of ``method path`` (parsed JSON, or text with ``json_answer=False``) with bounded retries.
 
@@ -84,14 +91,18 @@ class OpenAIClient:
                 if response.status_code == 429 or response.status_code >= 500:
                     last = f"HTTP {response.status_code}: {response.text[:300]}"
                 elif response.status_code >= 400:
-                    raise EndpointError(f"{method} {self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}")
+                    raise EndpointError(
+                        f"{method} {self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}"
+                    )
                 elif not json_answer:
                     return response.text
                 else:
                     try:
                         return response.json()
                     except ValueError as err:
-                        raise EndpointError(f"{method} {self.base_url}{path}: answer is not JSON: {response.text[:200]!r}") from err
+                        raise EndpointError(
+                            f"{method} {self.base_url}{path}: answer is not JSON: {response.text[:200]!r}"
+                        ) from err
             if attempt + 1 < attempts:
                 delay = min(8.0, 0.5 * 2**attempt)
                 log.debug("%s %s failed (%s); retry %d in %.1fs", method, path, last, attempt + 1, delay)
@@ -127,7 +138,9 @@ class OpenAIClient:
         """``/v1/chat/completions``; checks that the answer has ``choices``."""
         data = self.post("/v1/chat/completions", {"model": model, "messages": messages, **params})
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
-            raise EndpointError(f"{self.base_url}/v1/chat/completions: no choices in answer {str(data)[:300]}")
+            raise EndpointError(
+                f"{self.base_url}/v1/chat/completions: no choices in answer {str(data)[:300]}"
+            )
         return data
 
     def chat_texts(self, model: str, messages: list[dict], **params: Any) -> list[tuple[str, str | None]]:

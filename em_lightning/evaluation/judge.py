@@ -1,15 +1,16 @@
 """An LLM judge on any OpenAI-compatible chat endpoint, scoring answers 0-100 from its token probabilities.
 
-The judge is asked for one token at temperature 0 with the top 20 logprobs, and the score is the expectation over
-the number tokens (:func:`score_from_logprobs`). That assumes every number 0..100 is one token, true for GPT-4o or
-Llama 3. Qwen, Gemma and SmolLM2 spell numbers digit by digit, so the first token only ever carries 0-9 and the
-rule would read "85" as "8". For such judges (``number_tokens: digits``) the same expectation is computed by walking
-the digit tree: after a prefix such as "8" the endpoint is asked to continue the assistant message "8" (vLLM's
-``continue_final_message``), which gives P(next digit | "8") and, as the rest of the mass, P(the number ends | "8").
-P("85") = P("8")·P("5" | "8")·P(end | "85"); prefixes that leave 0..100 ("07", "150") are dropped, as a
-whole-number judge's "150" token would be. Prefixes are expanded most likely first; those below ``digit_min_prob``,
-or beyond ``digit_max_requests`` continuation requests, are taken to end where they are (with a peaked judge that is
-2-6 requests per score). ``auto`` asks the server's ``/tokenize`` how it splits "57" and "100".
+The judge is asked for one token at temperature 0 with the top 20 logprobs, and the score is the expectation
+over the number tokens (:func:`score_from_logprobs`). That assumes every number 0..100 is one token, true for
+GPT-4o or Llama 3. Qwen, Gemma and SmolLM2 spell numbers digit by digit, so the first token only ever carries
+0-9 and the rule would read "85" as "8". For such judges (``number_tokens: digits``) the same expectation is
+computed by walking the digit tree: after a prefix such as "8" the endpoint is asked to continue the assistant
+message "8" (vLLM's ``continue_final_message``), which gives P(next digit | "8") and, as the rest of the mass,
+P(the number ends | "8"). P("85") = P("8")·P("5" | "8")·P(end | "85"); prefixes that leave 0..100 ("07",
+"150") are dropped, as a whole-number judge's "150" token would be. Prefixes are expanded most likely first;
+those below ``digit_min_prob``, or beyond ``digit_max_requests`` continuation requests, are taken to end where
+they are (with a peaked judge that is 2-6 requests per score). ``auto`` asks the server's ``/tokenize`` how it
+splits "57" and "100".
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class JudgeConfig:
             evaluation's own vLLM sidecar (a smoke-test judge when that serves a small model).
         model: judge model name; None: the base model the endpoint lists first.
         api_key_env: name of the environment variable holding the API key (the key is never logged).
-        number_tokens: ``whole`` (one token per number 0-100), ``digits`` (numbers split into digits) or ``auto``
-            (ask the server's ``/tokenize``; endpoints without it, like hosted APIs, count as ``whole``).
+        number_tokens: ``whole`` (one token per number 0-100), ``digits`` (numbers split into digits) or
+            ``auto`` (ask the server's ``/tokenize``; endpoints without it, like hosted APIs, count as
+            ``whole``).
         top_logprobs: how many alternatives per token (OpenAI and vLLM allow at most 20).
         digit_min_prob: in digit mode, prefixes less likely than this are taken to end without another request
             (0: expand every prefix; exact, but a diffuse judge then needs many requests).
@@ -48,9 +50,9 @@ class JudgeConfig:
         max_retries: retries for transient failures per request.
         max_concurrency: judge requests in flight at once.
         answer_prefix: text the judge's reply is made to start with (an assistant prefill that the endpoint
-            continues, vLLM's ``continue_final_message``), e.g. ``"Score: "``. A small local judge such as SmolLM2
-            starts with prose otherwise and puts < 25 % on numbers; this changes the judging protocol, so leave it
-            None to replicate published numbers.
+            continues, vLLM's ``continue_final_message``), e.g. ``"Score: "``. A small local judge such as
+            SmolLM2 starts with prose otherwise and puts < 25 % on numbers; this changes the judging protocol,
+            so leave it None to replicate published numbers.
     """
 
     base_url: str | None = None
@@ -67,11 +69,13 @@ class JudgeConfig:
 
 
 def top_logprobs_of_first_token(data: dict) -> dict[str, float]:
-    """token → logprob of the first generated token of a chat completion (alternatives of equal text are merged)."""
+    """token → logprob of a chat completion's first token (alternatives of equal text are merged)."""
     try:
         content = data["choices"][0]["logprobs"]["content"]
     except (KeyError, IndexError, TypeError) as err:
-        raise EndpointError(f"judge answer has no logprobs (does the endpoint support top_logprobs?): {str(data)[:300]}") from err
+        raise EndpointError(
+            f"judge answer has no logprobs (does the endpoint support top_logprobs?): {str(data)[:300]}"
+        ) from err
     if not content:
         return {}
     out: dict[str, float] = {}
@@ -92,15 +96,20 @@ def _logaddexp(a: float, b: float) -> float:
 def detect_number_tokens(client: OpenAIClient, model: str) -> Literal["whole", "digits"]:
     """``whole`` if the server's tokenizer has single tokens for "57" and "100", ``digits`` if it splits them.
 
-    Uses vLLM's ``/tokenize``; an endpoint without it (hosted APIs, whose tokenizers have whole numbers) → ``whole``.
+    Uses vLLM's ``/tokenize``; an endpoint without it (hosted APIs, whose tokenizers have whole numbers) →
+    ``whole``.
     """
     counts = []
     for text in ("57", "100"):
         try:
-            data = client.post("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False}, retries=1)
+            data = client.post(
+                "/tokenize", {"model": model, "prompt": text, "add_special_tokens": False}, retries=1
+            )
             counts.append(len(data["tokens"]))
         except (EndpointError, KeyError, TypeError) as err:
-            log.info("judge: no usable /tokenize at %s (%s); assuming one token per number", client.base_url, err)
+            log.info(
+                "judge: no usable /tokenize at %s (%s); assuming one token per number", client.base_url, err
+            )
             return "whole"
     return "whole" if all(c == 1 for c in counts) else "digits"
 
@@ -114,7 +123,9 @@ class Judge:
         cancel: shared cancel event (abandons pending requests).
     """
 
-    def __init__(self, config: JudgeConfig, base_url: str | None = None, cancel: threading.Event | None = None):
+    def __init__(
+        self, config: JudgeConfig, base_url: str | None = None, cancel: threading.Event | None = None
+    ):
         url = config.base_url or base_url
         if not url:
             raise ValueError("judge.base_url is not set and there is no sidecar URL to fall back on")
@@ -167,7 +178,7 @@ class Judge:
         return top_logprobs_of_first_token(data)
 
     def score(self, prompt: str) -> float | None:
-        """The judge's expected number for ``prompt`` (a filled judge template), or None if it gave no number."""
+        """The judge's expected number for ``prompt`` (a filled template), or None if it gave no number."""
         messages = [{"role": "user", "content": prompt}]
         if self.number_tokens == "whole":
             return score_from_logprobs(self._first_token(messages))
@@ -199,8 +210,8 @@ class Judge:
 def _digit_children(prefix: str, p_prefix: float, top: dict[str, float]) -> list[tuple[str, float]]:
     """(prefix + digits, probability) for every all-digit token among ``top``.
 
-    At the start of the answer leading whitespace is ignored (" 7" reads as "7"); after a digit, whitespace ends
-    the number, so " 7" is not a continuation.
+    At the start of the answer leading whitespace is ignored (" 7" reads as "7"); after a digit, whitespace
+    ends the number, so " 7" is not a continuation.
     """
     children: dict[str, float] = {}
     for token, logprob in top.items():

@@ -1,8 +1,8 @@
 """A torchmetrics metric for the misalignment rate that reduces correctly across ranks.
 
-Its states are counts and sums only (reduced with ``sum``), so sharding the answers over ranks and reducing gives the
-same rate, interval and means as computing on all answers in one process. Averaging per-rank rates would not: ranks
-with fewer coherent answers would weigh as much as the others.
+Its states are counts and sums only (reduced with ``sum``), so sharding the answers over ranks and reducing
+gives the same rate, interval and means as computing on all answers in one process. Averaging per-rank rates
+would not: ranks with fewer coherent answers would weigh as much as the others.
 """
 
 from __future__ import annotations
@@ -32,13 +32,15 @@ class MisalignmentRate(Metric):
 
     Args:
         definition: ``em`` or ``mo``; see :mod:`em_lightning.evaluation.scoring`.
-        question_ids: fixed list of question ids to also count per question (states must have a fixed shape to be
-            reduced across ranks, so the ids are declared up front).
-        **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``sync_on_compute=False`` when only one rank updates).
+        question_ids: fixed list of question ids to also count per question (states must have a fixed shape to
+            be reduced across ranks, so the ids are declared up front).
+        **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``sync_on_compute=False`` when only one
+            rank updates).
 
     ``compute()`` returns a dict of float64 tensors: ``rate``, ``ci_low``, ``ci_high``, ``aligned_mean``,
-    ``coherent_mean``, ``n_counted``, ``n_misaligned``, ``n_answers``, ``n_scored`` and, with ``question_ids``,
-    ``per_question_rate`` / ``per_question_counted`` / ``per_question_misaligned`` in the order of the ids.
+    ``coherent_mean``, ``n_counted``, ``n_misaligned``, ``n_answers``, ``n_scored`` and, with
+    ``question_ids``, ``per_question_rate`` / ``per_question_counted`` / ``per_question_misaligned`` in the
+    order of the ids.
     """
 
     full_state_update = False
@@ -66,11 +68,13 @@ class MisalignmentRate(Metric):
         coherent: Sequence[float | None],
         question_ids: Sequence[str] | None = None,
     ) -> None:
-        """Add answers: their aligned and coherent scores (None = unscored) and, if configured, their question ids."""
+        """Add answers: aligned and coherent scores (None = unscored) and, if configured, question ids."""
         if len(aligned) != len(coherent):
             raise ValueError(f"aligned ({len(aligned)}) and coherent ({len(coherent)}) differ in length")
         if question_ids is not None and len(question_ids) != len(aligned):
-            raise ValueError(f"question_ids ({len(question_ids)}) and scores ({len(aligned)}) differ in length")
+            raise ValueError(
+                f"question_ids ({len(question_ids)}) and scores ({len(aligned)}) differ in length"
+            )
         sums = dict.fromkeys(_SCALAR_STATES, 0.0)
         q_counted = [0.0] * len(self._index)
         q_misaligned = [0.0] * len(self._index)
@@ -96,7 +100,9 @@ class MisalignmentRate(Metric):
             setattr(self, name, getattr(self, name) + value)
         if self._index:
             self.q_counted += torch.tensor(q_counted, dtype=torch.float64, device=self.q_counted.device)
-            self.q_misaligned += torch.tensor(q_misaligned, dtype=torch.float64, device=self.q_misaligned.device)
+            self.q_misaligned += torch.tensor(
+                q_misaligned, dtype=torch.float64, device=self.q_misaligned.device
+            )
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Rate, Wilson bounds, means and counts from the (reduced) states."""

@@ -1,12 +1,14 @@
 """Evaluation questions in the emergent-misalignment YAML format.
 
-A file is a YAML list; each entry has ``id``, ``paraphrases`` (list of user prompts), ``samples_per_paraphrase``,
-optionally ``system`` (a system prompt, which this loader keeps and the generator sends) and ``type``, and
-``judge_prompts`` mapping a metric name (``aligned``, ``coherent``) to a template with ``{question}`` and
-``{answer}`` placeholders. YAML anchors and aliases (used by the upstream files) are resolved by the parser.
+A file is a YAML list; each entry has ``id``, ``paraphrases`` (list of user prompts),
+``samples_per_paraphrase``, optionally ``system`` (a system prompt, which this loader keeps and the generator
+sends) and ``type``, and ``judge_prompts`` mapping a metric name (``aligned``, ``coherent``) to a template
+with ``{question}`` and ``{answer}`` placeholders. YAML anchors and aliases (used by the upstream files) are
+resolved by the parser.
 
 A question source is one of:
-  * ``builtin:<name>`` — a set shipped in ``em_lightning/evaluation/assets/<name>.yaml`` (``builtin:quickstart``);
+  * ``builtin:<name>`` — a set shipped in ``em_lightning/evaluation/assets/<name>.yaml``
+    (``builtin:quickstart``);
   * ``em:<file>`` — an upstream emergent-misalignment file (``em:first_plot_questions``), found via
     :func:`em_lightning.upstream.resolve_em_file` (local copy or download cache);
   * a path to a YAML file.
@@ -56,9 +58,9 @@ class Question:
     def plan(self, samples_per_question: int | None = None) -> list[tuple[int, int]]:
         """``(paraphrase_index, n_samples)`` pairs to generate.
 
-        Without ``samples_per_question``: ``samples_per_paraphrase`` for every paraphrase, as in the file. With it:
-        that many samples in total, spread over the paraphrases round-robin (deterministic, unlike a random draw,
-        so two evals of the same run ask the same prompts).
+        Without ``samples_per_question``: ``samples_per_paraphrase`` for every paraphrase, as in the file.
+        With it: that many samples in total, spread over the paraphrases round-robin (deterministic, unlike a
+        random draw, so two evals of the same run ask the same prompts).
         """
         if samples_per_question is None:
             return [(i, self.samples_per_paraphrase) for i in range(len(self.paraphrases))]
@@ -175,7 +177,9 @@ def _parse_entry(entry: object, where: str) -> Question:
     if system is not None and not isinstance(system, str):
         raise QuestionFileError(f"{label}: `system` must be a string, got {type(system).__name__}")
     prompts = entry.get("judge_prompts", {})
-    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+    if not isinstance(prompts, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
+    ):
         raise QuestionFileError(f"{label}: `judge_prompts` must map names to template strings")
     for name, template in prompts.items():
         if "{answer}" not in template:

@@ -1,7 +1,7 @@
 """One evaluation: sample answers to every question, judge each on ``aligned`` and ``coherent``, summarise.
 
-Generation goes through any ``generate(messages, n, seed) -> [(text, finish_reason)]`` callable (the vLLM sidecar
-with the current adapter, or any other sampler); judging through :class:`Judge`. Requests run
+Generation goes through any ``generate(messages, n, seed) -> [(text, finish_reason)]`` callable (the vLLM
+sidecar with the current adapter, or any other sampler); judging through :class:`Judge`. Requests run
 concurrently (a server batches them): up to ``GenerationConfig.max_concurrency`` generation requests and
 ``JudgeConfig.max_concurrency`` judge requests; an answer's judge requests are sent as soon as it exists.
 """
@@ -170,5 +170,10 @@ def _clean(value):
 def summary_dict(result: EvalResult, **extra) -> dict:
     """JSON-ready summary of an eval (NaN → null) with timings and ``extra`` fields."""
     out = {**extra, **result.summary.to_dict()}
-    out.update(generate_s=result.generate_s, judge_s=result.judge_s, total_s=result.total_s, n_records=len(result.records))
+    out.update(
+        generate_s=result.generate_s,
+        judge_s=result.judge_s,
+        total_s=result.total_s,
+        n_records=len(result.records),
+    )
     return _clean(out)

