@@ -236,9 +236,9 @@ On a GPU (not measured here): vLLM's GPU backend (continuous batching, paged att
 multi-LoRA kernels) is usually many times faster than HF generate for hundreds of samples, while this CPU
 build applies the LoRA with plain torch ops on 2 cores shared with everything else. With the sidecar on its
 own GPU, async mode hides the eval behind training (what is left is saving the adapter) as long as one eval
-takes less than every_n_steps of training; on one shared GPU, or these shared cores, trainer and sidecar
-compete and blocking mode is the better
-choice, as the ratios above show."""
+takes less than every_n_steps of training. On one shared GPU, or these shared cores, trainer and sidecar
+compete for the same compute, so async cannot hide much: its gain here is small and varies from run to run
+with the machine's load, and blocking keeps the training steps undisturbed."""
 
 
 if __name__ == "__main__":
