@@ -61,7 +61,7 @@ def run_ours(args, source: str, dtype: str) -> tuple[StepTimer, float]:
     return timer, padding_fraction(data.train_dataloader())
 
 
-def run_trl(args, source: str, dtype: str) -> tuple[list[float], list[int]]:
+def run_trl(args, source: str, dtype: str) -> tuple[list[float], list[int], float]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -76,7 +76,7 @@ def run_trl(args, source: str, dtype: str) -> tuple[list[float], list[int]]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    times, tokens = [], []
+    times, tokens, padded = [], [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
@@ -90,6 +90,7 @@ def run_trl(args, source: str, dtype: str) -> tuple[list[float], list[int]]:
         def training_step(self, model, inputs, *rest, **kw):
             if self.state.global_step > 0:
                 tokens.append(int(inputs["attention_mask"].sum()))
+                padded.append(inputs["attention_mask"].numel())
             return super().training_step(model, inputs, *rest, **kw)
 
     with tempfile.TemporaryDirectory() as out:
@@ -105,7 +106,7 @@ def run_trl(args, source: str, dtype: str) -> tuple[list[float], list[int]]:
         trainer = CountingTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
                                   processing_class=tok, peft_config=lora, callbacks=[Timer()])
         trainer.train()
-    return times, tokens
+    return times, tokens, 1.0 - sum(tokens) / max(1, sum(padded))
 
 
 def main():
@@ -133,13 +134,13 @@ def main():
                     dtype=dtype, device=args.device, gradient_checkpointing=False, lora="r=8 alpha=16 all 7 projections",
                     optimizer="AdamW lr=1e-4", threads=args.threads, rounds=args.rounds, torch=torch.__version__)
     print("settings:", json.dumps(settings))
-    ours_t, ours_n, trl_t, trl_n, pad = [], [], [], [], 0.0
+    ours_t, ours_n, trl_t, trl_n, pad, trl_pad = [], [], [], [], 0.0, 0.0
     for r in range(args.rounds):
         timer, pad = run_ours(args, source, dtype)
         ours_t += timer.times
         ours_n += timer.tokens
         print(f"round {r}: em_lightning {len(timer.times)} steps {sum(timer.times):.1f} s", flush=True)
-        times, tokens = run_trl(args, source, dtype)
+        times, tokens, trl_pad = run_trl(args, source, dtype)
         trl_t += times
         trl_n += tokens
         print(f"round {r}: TRL          {len(times)} steps {sum(times):.1f} s", flush=True)
@@ -150,7 +151,7 @@ def main():
     o_steps, o_tok = rates(ours_t, ours_n)
     t_steps, t_tok = rates(trl_t, trl_n)
     print(f"em_lightning: {o_steps:.3f} steps/s, {o_tok:.0f} tokens/s (padding fraction {pad:.3f}, length-grouped)")
-    print(f"TRL SFTTrainer: {t_steps:.3f} steps/s, {t_tok:.0f} tokens/s")
+    print(f"TRL SFTTrainer: {t_steps:.3f} steps/s, {t_tok:.0f} tokens/s (padding fraction {trl_pad:.3f})")
     print(f"ratio em_lightning / TRL: steps/s {o_steps / t_steps:.2f}x, tokens/s {o_tok / t_tok:.2f}x")
 
 
