@@ -351,15 +351,12 @@ def gathered_full_params(model: torch.nn.Module):
     Collective under FSDP1: every rank must enter it. Gradients do not flow through it, so the spectral *penalty*
     cannot be used with FSDP1 (use DDP or FSDP2); the logger can. Untested here (no multi-process GPU run).
     """
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except ImportError:
+    if not uses_fsdp1(model):  # also covers torch built without distributed
         yield
         return
-    if any(isinstance(m, FSDP) for m in model.modules()):
-        with FSDP.summon_full_params(model, writeback=False, recurse=True):
-            yield
-    else:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(model, writeback=False, recurse=True):
         yield
 
 
