@@ -65,12 +65,15 @@ def lora_singular_values(
             shape for batched inputs.
         method: ``gram`` (Cholesky of A·Aᵀ, eigenvalues of the r×r Gram matrix in float64; batched kernels only,
             values below 1e-7·σ₁ read 0), ``qr`` (QR of Aᵀ, SVD of B·R_Aᵀ; exact, slow on GPU), or ``auto``
-            (= ``gram``). See the module docstring.
+            (= ``gram``). ``gram`` needs r ≤ d_in (A·Aᵀ invertible) and falls back to ``qr`` otherwise. See the
+            module docstring.
 
     Returns:
-        min(r, d_out, d_in) singular values (r in every practical case) per matrix, shape (..., r), float32 for
-        bf16/fp16/fp32 inputs, float64 for float64 inputs; gradients flow to B and A (and to ``scale`` if it is a
-        tensor). Matches ``torch.linalg.svdvals(scale * B @ A)``; B = 0 gives zeros and finite (zero) gradients.
+        r singular values per matrix, shape (..., r), with either method: when r > min(d_out, d_in) (ΔW has at most
+        that rank) the last r − min(d_out, d_in) are exact zeros, so every adapter of rank r has a spectrum of length
+        r. float32 for bf16/fp16/fp32 inputs, float64 for float64 inputs; gradients flow to B and A (and to
+        ``scale`` if it is a tensor). Matches ``torch.linalg.svdvals(scale * B @ A)`` (padded with zeros to r);
+        B = 0 gives zeros and finite (zero) gradients.
     """
     if B.ndim < 2 or A.ndim < 2:
         raise ValueError(f"lora_singular_values expects 2-D B and A, got shapes {tuple(B.shape)} and {tuple(A.shape)}")
@@ -88,7 +91,9 @@ def lora_singular_values(
         if method == "qr":
             B, A = B.to(dtype), A.to(dtype)
             _, R = torch.linalg.qr(A.mT, mode="reduced")  # R: min(r, d_in) × r
-            sigma = torch.linalg.svdvals(B @ R.mT)
+            sigma = torch.linalg.svdvals(B @ R.mT)  # min(r, d_in, d_out) values
+            # r values whatever the shape (gram gives r, the extra ones 0): the rest are exact zeros of ΔW.
+            sigma = torch.nn.functional.pad(sigma, (0, A.shape[-2] - sigma.shape[-1]))
         else:
             B, A = B.to(torch.float64), A.to(torch.float64)
             L, _ = torch.linalg.cholesky_ex(A @ A.mT)  # the _ex variant does not synchronise to check errors

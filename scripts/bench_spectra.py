@@ -1,8 +1,9 @@
 """Benchmark the LoRA spectrum code: (a) factored vs dense singular values, (b) training-step overhead on SmolLM2.
 
-(a) ``lora_singular_values(B, A, s)`` (QR of A, SVD of a d_out×r matrix) against ``svdvals(s * B @ A)`` (forming and
-    decomposing the dense d_out×d_in update), float32, for 576×576 r=8 (SmolLM2), 4096×4096 r=32 and 14336×4096 r=32
-    (8B-model MLP). Target: ≥ 100× at 4096 r=32.
+(a) ``lora_singular_values(B, A, s)`` (default ``method="gram"``: Cholesky of the r×r A·Aᵀ and eigenvalues of an r×r
+    Gram matrix, float64; the ``qr`` column is ``method="qr"``, QR of Aᵀ and SVD of a d_out×r matrix) against
+    ``svdvals(s * B @ A)`` (forming and decomposing the dense d_out×d_in update), float32 inputs, for 576×576 r=8
+    (SmolLM2), 4096×4096 r=32 and 14336×4096 r=32 (8B-model MLP). Target: ≥ 100× at 4096 r=32.
 (b) Mean wall time per optimizer step of the real Trainer + LoRAFineTune on SmolLM2-135M (all 7 projections, r=8,
     210 adapters) with SpectrumLogger(every_n_steps=1) + SpectralPenalty against no callbacks: same seed, data,
     batch, sequence length and precision; warm-up steps excluded; printed as a ratio. Target: ≤ 1.03.

@@ -289,3 +289,28 @@ def test_bad_method_and_shapes_are_clear_errors():
         lora_singular_values(B, A, method="svd")
     with pytest.raises(ValueError, match="rank mismatch"):
         lora_singular_values(B, A.T)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("d_out,d_in,r", [(40, 10, 16), (10, 40, 16), (6, 10, 16)])
+def test_rank_above_a_side_gives_r_values_padded_with_zeros(d_out, d_in, r, method):
+    """r > d_in or r > d_out: ΔW has at most min(d_out, d_in) non-zero singular values; both methods return r, the
+    rest exact zeros, so spectra of one adapter shape have one length whatever the method."""
+    B, A = _factors(d_out, d_in, r, seed=d_out * d_in + r)
+    weights = torch.rand(r, generator=torch.Generator().manual_seed(r))
+    k = min(d_out, d_in)
+
+    sigma = lora_singular_values(B, A, 0.5, method)
+    (weights * sigma).sum().backward()
+    gB, gA = B.grad.clone(), A.grad.clone()
+    B.grad = A.grad = None
+    dense = torch.linalg.svdvals(0.5 * B @ A)
+    (weights[:k] * dense).sum().backward()
+
+    assert sigma.shape == (r,)
+    assert torch.equal(sigma[k:], torch.zeros(r - k))
+    torch.testing.assert_close(sigma[:k], dense, rtol=1e-4, atol=1e-4 * dense[0].item())
+    torch.testing.assert_close(gB, B.grad, rtol=1e-3, atol=1e-4 * B.grad.abs().max().item())
+    torch.testing.assert_close(gA, A.grad, rtol=1e-3, atol=1e-4 * A.grad.abs().max().item())
+    batched = lora_singular_values(torch.stack([B.detach()] * 2), torch.stack([A.detach()] * 2), 0.5, method)
+    assert batched.shape == (2, r)
