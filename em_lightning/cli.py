@@ -30,6 +30,7 @@ class EMLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data is tokenised with the model's own tokenizer and chat template.
         parser.link_arguments("model.base.name", "data.tokenizer")
+        parser.link_arguments("model.base.trust_remote_code", "data.trust_remote_code")
         # Always-on callbacks, configurable under their own keys (monitor.*, adapter_export.*).
         parser.add_lightning_class_args(TrainingMonitor, "monitor")
         parser.add_lightning_class_args(AdapterExport, "adapter_export")

@@ -450,6 +450,8 @@ class ChatDataModule(lightning.LightningDataModule):
         max_rows: read only the first N rows of ``train_file`` (benchmarks, quick runs).
         tokenizer: model name whose tokenizer and chat template to use (the CLI links it to
         ``model.base.name``).
+        trust_remote_code: let the tokenizer run code shipped with a hub model (linked to
+            ``model.base.trust_remote_code``).
         max_length: tokens kept per row; longer rows keep their first ``max_length`` tokens, and a row whose
             assistant tokens all fall beyond it is an error.
         batch_size: rows per batch (per device).
@@ -466,6 +468,7 @@ class ChatDataModule(lightning.LightningDataModule):
         hf_split: str = "train",
         max_rows: int | None = None,
         tokenizer: str = "smollm2-135m-instruct",
+        trust_remote_code: bool = False,
         max_length: int = 1024,
         batch_size: int = 8,
         group_by_length: bool = True,
@@ -486,6 +489,7 @@ class ChatDataModule(lightning.LightningDataModule):
         self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
         self.hf_split, self.max_rows = hf_split, max_rows
         self.tokenizer_name, self.max_length = tokenizer, max_length
+        self.trust_remote_code = trust_remote_code
         self.batch_size, self.group_by_length = batch_size, group_by_length
         self.seed, self.num_workers = seed, num_workers
         self.tokenizer = None
@@ -499,7 +503,7 @@ class ChatDataModule(lightning.LightningDataModule):
             return
         from em_lightning.models import load_tokenizer
 
-        self.tokenizer = load_tokenizer(self.tokenizer_name)
+        self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
         rows = load_rows(self.train_file, self.max_rows, self.hf_split)
         if self.val_file is not None:
             train_rows, val_rows = rows, load_rows(self.val_file, None, self.hf_split)

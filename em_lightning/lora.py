@@ -54,6 +54,7 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec):
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
-    for name, p in peft_model.named_parameters():
-        assert p.requires_grad == ("lora_" in name), f"unexpected trainable state for {name}"
+    stray = [n for n, p in peft_model.named_parameters() if p.requires_grad != ("lora_" in n)]
+    if stray:  # the base must stay frozen: the paper's claims are about the adapter alone
+        raise RuntimeError(f"unexpected trainable state after applying LoRA: {stray[:3]}")
     return peft_model

@@ -10,6 +10,7 @@ A name is one of:
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,7 +28,7 @@ class ModelSpec:
 
     Args:
         name: built-in name (``smollm2-135m-instruct``, ``tiny-qwen3``, ``tiny-llama``), local dir, or HF hub id.
-        dtype: parameter dtype of the frozen base model (LoRA weights follow it unless the precision plugin casts).
+        dtype: parameter dtype of the frozen base model (peft keeps the LoRA weights in float32 either way).
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers choose.
         trust_remote_code: run code shipped with a hub model. Off unless you have read that code.
         gradient_checkpointing: recompute activations in backward (less memory, ~30 % slower).
@@ -67,7 +68,7 @@ def resolve_model_dir(name: str) -> str:
     return name
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer for ``name``, with a pad token set (EOS when the model has none)."""
     from transformers import AutoTokenizer
 
@@ -75,7 +76,7 @@ def load_tokenizer(name: str):
         from em_lightning.tiny import tiny_tokenizer
 
         return tiny_tokenizer()
-    tok = AutoTokenizer.from_pretrained(resolve_model_dir(name))
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(name), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
@@ -129,6 +130,9 @@ def _smollm2_dir() -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         tmp = out.with_name(out.name + ".tmp")
+        for stale in (tmp, out):  # left by a conversion killed part-way: start clean
+            if stale.exists():
+                shutil.rmtree(stale)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, out)  # atomic: a crash mid-save never leaves a half-written cache dir

@@ -46,6 +46,10 @@ class LoRAFineTune(L.LightningModule):
         supervised_logits_only: bool = True,
     ):
         super().__init__()
+        # load_from_checkpoint passes the saved hparams back as plain dicts.
+        base = ModelSpec(**base) if isinstance(base, dict) else base
+        lora = LoRASpec(**lora) if isinstance(lora, dict) else lora
+        schedule = ScheduleSpec(**schedule) if isinstance(schedule, dict) else schedule
         # Plain dicts only: optimiser classes or dataclasses in hparams break weights_only checkpoint loading.
         self.save_hyperparameters(
             {"base": asdict(base), "lora": asdict(lora), "schedule": asdict(schedule),
@@ -71,7 +75,7 @@ class LoRAFineTune(L.LightningModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.base.name)
+            self._tokenizer = load_tokenizer(self.base.name, self.base.trust_remote_code)
         return self._tokenizer
 
     @property
@@ -104,7 +108,13 @@ class LoRAFineTune(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------------- steps
     def task_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token cross-entropy over supervised tokens, and their count."""
+        """Mean next-token cross-entropy over the supervised tokens of this micro-batch, and their count.
+
+        The mean is per micro-batch: with gradient accumulation (or DDP) every micro-batch weighs the same, so a
+        token in a short micro-batch weighs more than one in a long micro-batch (length grouping makes them differ).
+        This matches most trainers' per-batch mean; it equals one big batch only when the micro-batches hold
+        equal numbers of supervised tokens.
+        """
         labels = batch["labels"][:, 1:]
         mask = labels != -100
         n_tokens = mask.sum()

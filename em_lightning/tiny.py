@@ -34,7 +34,7 @@ def _tokenizer_object():
 
 
 def tiny_tokenizer():
-    """A byte-level fast tokenizer with a ChatML chat template (pad = eos = ``<|im_end|>``)."""
+    """A byte-level fast tokenizer with a ChatML chat template (eos ``<|im_end|>``, pad ``<|endoftext|>``)."""
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(

@@ -37,7 +37,7 @@ _DOWNLOAD_HINT = "python scripts/download_data.py"
 
 
 class ChecksumError(RuntimeError):
-    """A downloaded file's sha256 differs from the upstream sum (the file is deleted, never kept)."""
+    """A file's sha256 differs from the upstream sum (a download is deleted, never kept; a local copy is refused)."""
 
 
 def shared_dir() -> Path:
@@ -75,12 +75,29 @@ def resolve_em_file(relpath: str) -> Path:
     for folder in search_dirs():
         candidate = folder / relpath
         if candidate.is_file():
+            _verify_once(candidate, relpath)
             return candidate
     looked = ", ".join(str(d) for d in search_dirs())
     raise FileNotFoundError(
         f"{relpath} not found (looked in {looked}). Run `{_DOWNLOAD_HINT}` to fetch it from {UPSTREAM_REPO}, "
         "or set EM_DATA_DIR to a folder that holds it."
     )
+
+
+_VERIFIED: set[Path] = set()
+
+
+def _verify_once(path: Path, relpath: str) -> None:
+    """A local copy must match the upstream sum too (a truncated copy would silently change the data)."""
+    if path in _VERIFIED:
+        return
+    actual = sha256_of(path)
+    if actual != SHA256[relpath]:
+        raise ChecksumError(
+            f"{path}: sha256 {actual} differs from upstream {relpath} ({SHA256[relpath]}); delete it and run "
+            f"`{_DOWNLOAD_HINT}`"
+        )
+    _VERIFIED.add(path)
 
 
 def sha256_of(path: Path) -> str:

@@ -39,3 +39,23 @@ def test_config_parses(rel):
     with pytest.raises(SystemExit) as exit_info:
         EMLightningCLI(args=["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
+
+
+@pytest.mark.parametrize("rel", ALL)
+def test_config_instantiates(rel, tmp_path, monkeypatch):
+    """Beyond parsing: the trainer, every callback, the module and the data module are built (no model loaded)."""
+    from em_lightning.cli import EMLightningCLI
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key-not-used")  # the eval overlay names its judge key's variable
+    args = []
+    for part in _stack(rel):
+        args += ["--config", str(CONFIGS / part)]
+    cli = EMLightningCLI(args=[*args, "--trainer.accelerator", "cpu"], run=False)
+    assert cli.model.model is None  # models load in configure_model, not at parse time
+    names = {type(cb).__name__ for cb in cli.trainer.callbacks}
+    assert {"TrainingMonitor", "AdapterExport"} <= names
+    text = (CONFIGS / rel).read_text()
+    for class_path in [line.split("class_path:")[1].strip() for line in text.splitlines() if "class_path:" in line]:
+        if class_path.startswith("callbacks."):
+            assert class_path.rsplit(".", 1)[1] in names, class_path

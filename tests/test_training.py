@@ -50,12 +50,19 @@ def test_adapter_dir_loads_in_peft_and_matches(run_cli):
         torch.testing.assert_close(loaded(ids).logits, trained(ids).logits)
 
 
-def test_checkpoint_holds_adapter_only(run_cli):
+def test_checkpoint_holds_adapter_only_and_loads_back(run_cli):
+    from em_lightning.module import LoRAFineTune
+
     cli = run_cli("fit", "--config", "configs/tiny.yaml", "--trainer.max_steps", "10")
-    ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    path = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
     keys = list(ckpt["state_dict"])
     assert keys and all("lora_" in k for k in keys)
     assert "optimizer_states" in ckpt and "loops" in ckpt
+    loaded = LoRAFineTune.load_from_checkpoint(str(path))
+    trained = dict(cli.model.named_parameters())
+    for n, p in loaded.named_parameters():
+        assert torch.equal(p, trained[n]), n
 
 
 @pytest.mark.parametrize("optim", ["adamw", "muon"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import functools
 import http.server
 import runpy
@@ -59,6 +61,7 @@ def test_lookup_order_env_then_shared_then_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(upstream, "shared_dir", lambda: shared)
     monkeypatch.setenv("EM_LIGHTNING_CACHE", str(cache))
     monkeypatch.setenv("EM_DATA_DIR", str(env))
+    monkeypatch.setitem(upstream.SHA256, SMALL, hashlib.sha256(b"x").hexdigest())
     with pytest.raises(FileNotFoundError, match="scripts/download_data.py"):
         upstream.resolve_em_file(SMALL)
     for folder in (cache / "data", shared, env):  # each added folder takes precedence over the ones before
@@ -67,6 +70,14 @@ def test_lookup_order_env_then_shared_then_cache(tmp_path, monkeypatch):
         assert upstream.resolve_em_file(SMALL) == folder / SMALL
     with pytest.raises(KeyError, match="not an upstream"):
         upstream.resolve_em_file("data/other.jsonl")
+
+
+def test_a_local_copy_with_the_wrong_sum_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("EM_DATA_DIR", str(tmp_path))
+    (tmp_path / SMALL).parent.mkdir(parents=True)
+    (tmp_path / SMALL).write_text("truncated")
+    with pytest.raises(upstream.ChecksumError, match=r"differs from upstream"):
+        upstream.resolve_em_file(SMALL)
 
 
 @needs_shared
