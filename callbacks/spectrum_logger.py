@@ -96,9 +96,10 @@ class SpectrumLogger(L.Callback):
             self.log_spectra(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        # global_step only moves after an optimizer step, so accumulation micro-batches fall through here.
+        # global_step only moves after an optimizer step, so accumulation micro-batches fall through here; the first
+        # micro-batches end at step 0 (no update yet), which is log_at_start's to log, not the periodic trigger's.
         step = trainer.global_step
-        if step == self._last_step or step % self.every_n_steps:
+        if step == 0 or step == self._last_step or step % self.every_n_steps:
             return
         self.log_spectra(trainer, pl_module)
 

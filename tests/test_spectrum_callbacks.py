@@ -225,6 +225,16 @@ def test_logger_without_tensorboard_still_writes_jsonl(tmp_path):
     assert trainer.logger is None
 
 
+@pytest.mark.parametrize("log_at_start", [False, True])
+def test_accumulation_logs_no_step_zero_point_of_its_own(tmp_path, log_at_start):
+    """Accumulation 2: the first micro-batch ends with global_step 0, and 0 % n == 0; only ``log_at_start`` may log
+    step 0, and only once."""
+    spectrum = SpectrumLogger(every_n_steps=2, log_per_module=False, log_image=False, log_at_start=log_at_start)
+    _fit(_module(), _rows(8), 1, [spectrum], max_steps=4, accumulate=2, default_root_dir=str(tmp_path))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "spectra.jsonl").read_text().splitlines()]
+    assert steps == ([0] if log_at_start else []) + [2, 4]
+
+
 def test_every_penalty_form_trains(tmp_path):
     """Each form runs inside a real training step with finite loss (B = 0 on step 0 included)."""
     for form in PENALTIES:
@@ -258,8 +268,10 @@ def _readme_block(marker: str) -> str:
     return after.split("```", 2)[1].split("\n", 1)[1]  # the fenced block's body, without its language line
 
 
-def test_readme_worked_example_runs_as_written(run_cli, tmp_path, monkeypatch):
-    """callbacks/README.md's example callback and overlay, exactly as printed, through the real CLI."""
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_readme_worked_example_runs_as_written(run_cli, tmp_path, monkeypatch, accumulate):
+    """callbacks/README.md's example callback and overlay, exactly as printed, through the real CLI; with gradient
+    accumulation its first micro-batch ends at global_step 0 and must not log a point there."""
     import importlib.util
     import sys
 
@@ -275,7 +287,7 @@ def test_readme_worked_example_runs_as_written(run_cli, tmp_path, monkeypatch):
     overlay.write_text(_readme_block("lora_norms.yaml"))
 
     cli = run_cli("fit", "--config", "configs/tiny.yaml", "--config", str(overlay), "--trainer.max_steps", "5",
-                  "--trainer.val_check_interval", "5")
+                  "--trainer.val_check_interval", "5", "--trainer.accumulate_grad_batches", str(accumulate))
     scalars = SummaryReader(cli.trainer.log_dir, pivot=False).scalars
     rows = scalars[scalars["tag"] == "lora_norm/by_proj/q_proj/B"]
     assert list(rows["step"]) == [5]
