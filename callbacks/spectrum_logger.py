@@ -51,7 +51,15 @@ class SpectrumLogger(L.Callback):
             100.
         metrics: which metrics to log as scalars; default all.
         jsonl: file name in the run dir for the raw spectra; None writes no file.
-        log_at_start: also log before the first update (and at the resumed step when resuming).
+        log_at_start: also log before the first update (and at the resumed step when resuming, unless the
+            checkpoint says that step was logged already).
+
+    Resuming (``--ckpt_path``): the checkpoint holds the last logged step. The resumed run writes to its own run dir
+    (TensorBoardLogger starts a new ``version_N``) and logs only steps after that one, so the checkpoint's step is
+    not logged twice (same adapter, same σ): the first run's files hold steps ≤ k, the resumed run's steps > k, and
+    concatenating the versions' ``spectra.jsonl`` in order gives every step once. Exception: if the first run went
+    on past its checkpoint (a crash after step k), those later steps appear in both files; the resumed run's are
+    the ones that continue from the checkpoint.
 
     Cost on SmolLM2 (210 adapters, H100): σ of all adapters ~15 ms; per-module TensorBoard output (~1900 events)
     ~100-200 ms, hence ``per_module_every_n_steps``; a plot ~0.2 s.
@@ -90,9 +98,15 @@ class SpectrumLogger(L.Callback):
         self._layers = None  # (model, its LoRA layers): found once, not on every log
 
     # ------------------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer, pl_module, stage):
+        # Forget the last fit here, not in on_train_start: Lightning restores a checkpoint's callback state
+        # (load_state_dict) after setup and before on_train_start.
+        if stage == "fit":
+            self._last_step, self._layers = None, None
+
     def on_train_start(self, trainer, pl_module):
-        self._last_step, self._layers = None, None
-        if self.log_at_start:
+        # Resuming from a checkpoint taken right after a log: that step's spectrum is already in the first run's file.
+        if self.log_at_start and trainer.global_step != self._last_step:
             self.log_spectra(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -260,6 +260,28 @@ def test_cli_with_both_overlay_configs(run_cli, tmp_path):
     assert {"spectra/all/frob_nuclear_ratio", "train/spectral_penalty", "train/loss"} <= tags
 
 
+def test_resumed_run_does_not_relog_the_checkpoint_step(run_cli, tmp_path):
+    """Fit 10 steps (checkpoint at 10), resume to 20 from that checkpoint: the resumed run (a new version dir) logs
+    nothing at step 10, which the first run's spectra.jsonl already holds for the same adapter."""
+    from tbparse import SummaryReader
+
+    common = ["--config", "configs/tiny.yaml", "--config", "configs/callbacks/spectrum.yaml",
+              "--trainer.val_check_interval", "10"]
+    first = run_cli("fit", *common, "--trainer.max_steps", "10")
+    ckpt = first.trainer.checkpoint_callback.best_model_path or first.trainer.checkpoint_callback.last_model_path
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 10
+    resumed = run_cli("fit", *common, "--trainer.max_steps", "20", "--ckpt_path", ckpt)
+    assert resumed.trainer.log_dir != first.trainer.log_dir
+
+    def steps(log_dir):
+        return [json.loads(line)["step"] for line in open(f"{log_dir}/spectra.jsonl")]
+
+    assert steps(first.trainer.log_dir) == [0, 10]
+    assert steps(resumed.trainer.log_dir) == [20]
+    scalars = SummaryReader(resumed.trainer.log_dir, pivot=False).scalars
+    assert list(scalars[scalars["tag"] == "spectra/all/entropy"]["step"]) == [20]
+
+
 def _readme_block(marker: str) -> str:
     from tests.conftest import REPO
 
