@@ -18,7 +18,7 @@ from em_lightning.module import LoRAFineTune
 from em_lightning.spectra import PENALTIES, lora_singular_values, spectral_metrics, spectral_penalty
 from em_lightning.spectra import iter_lora_modules
 
-SEQ, PROMPT = 24, 8  # every row: 24 tokens, the last 16 supervised (so per-token means compose exactly)
+SEQ, PROMPT = 24, 8  # every row: 24 tokens, the last 16 supervised (equal counts: per-token means compose exactly)
 
 
 def _rows(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -69,7 +69,13 @@ def test_coefficient_warmup_and_bad_config():
 
 @pytest.mark.parametrize("form", ["frob_nuclear_ratio", "log_condition"])
 def test_penalty_with_accumulation_4_equals_a_4x_batch(form):
-    """Both the task loss and the penalty must compose: 4 micro-batches of 2 rows == 1 batch of 8 rows (SGD)."""
+    """4 micro-batches of 2 rows == 1 batch of 8 rows (SGD), penalty included.
+
+    Not a general claim. The penalty term composes exactly under accumulation (it depends on the weights only, and
+    Lightning divides each micro-batch's loss by 4). The task loss is the mean over each micro-batch's supervised
+    tokens, so accumulation equals the big batch only when every micro-batch has the same number of supervised
+    tokens, which this test arranges (every row has 16, see ``_rows``); with unequal counts the two differ.
+    """
     rows = _rows(16)
     sgd = lambda params: torch.optim.SGD(params, lr=0.5)  # noqa: E731
     states = {}
