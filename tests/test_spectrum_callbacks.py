@@ -184,7 +184,7 @@ def test_logger_writes_scalars_histograms_and_images(logged_run):
     assert plots[-1].encoded_image_string.startswith(b"\x89PNG") and plots[-1].width > 100 and plots[-1].height > 100
 
 
-def test_logged_scalars_and_jsonl_match_the_final_adapter(logged_run):
+def test_logged_scalars_and_jsonl_match_the_final_adapter(logged_run, tmp_path):
     trainer, module = logged_run
     with open(f"{trainer.log_dir}/spectra.jsonl") as f:
         records = [json.loads(line) for line in f]
@@ -206,6 +206,18 @@ def test_logged_scalars_and_jsonl_match_the_final_adapter(logged_run):
     q = torch.stack([s for n, s in final.items() if n.endswith("q_proj")])
     assert last["spectra/by_proj/q_proj/top"] == pytest.approx(spectral_metrics(q)["top"].mean().item(), rel=1e-5)
     assert last["spectra/all/effective_rank"] > 1.0  # the adapter trained away from B = 0
+
+    # histograms hold what SummaryWriter.add_histogram would have written for these σ (same default bins)
+    import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import make_histogram
+
+    hists = _read(trainer.log_dir).histograms
+    name = next(iter(final))
+    got = hists[(hists["tag"] == f"spectra/{name}/sigma") & (hists["step"] == 5)].iloc[0]
+    expected = make_histogram(final[name].double().numpy(), SummaryWriter(str(tmp_path)).default_bins)
+    np.testing.assert_allclose(got["limits"], expected.bucket_limit)
+    np.testing.assert_array_equal(got["counts"], expected.bucket)
 
 
 def test_penalty_is_logged_apart_from_the_task_loss(logged_run):
@@ -229,6 +241,34 @@ def test_logger_without_tensorboard_still_writes_jsonl(tmp_path):
     lines = (tmp_path / "spectra.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
     assert trainer.logger is None
+
+
+def test_scalars_reach_every_logger_with_its_prefix(tmp_path):
+    """TensorBoard gets the scalars as one event per step (a fast path); it must keep the logger's prefix like
+    log_metrics does, and other loggers still get log_metrics."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    tb = TensorBoardLogger(save_dir=str(tmp_path), name="tb", prefix="run")
+    csv_logger = CSVLogger(save_dir=str(tmp_path), name="csv")
+    spectrum = SpectrumLogger(every_n_steps=1, log_image=False, jsonl=None)
+    module = _module()
+    _fit(module, _rows(4), 2, [spectrum], logger=[tb, csv_logger], max_steps=2)
+    names = [n for n, *_ in iter_lora_modules(module.model)]
+
+    scalars = _read(tb.log_dir).scalars
+    entropy = scalars[scalars["tag"] == "run-spectra/all/entropy"]
+    assert sorted(entropy["step"]) == [0, 1, 2]
+    assert f"run-spectra/{names[0]}/top" in set(scalars["tag"])
+    assert not any(t.startswith("spectra/") for t in scalars["tag"])
+    with open(f"{csv_logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get("spectra/all/entropy")]
+    assert [int(r["step"]) for r in logged] == [0, 1, 2]
+    assert f"spectra/{names[0]}/top" in rows[0]
+    # the same numbers through both paths
+    assert float(logged[-1]["spectra/all/entropy"]) == pytest.approx(entropy.sort_values("step")["value"].iloc[-1])
 
 
 @pytest.mark.parametrize("log_at_start", [False, True])
