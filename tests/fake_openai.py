@@ -7,10 +7,19 @@ strings with one of two tokenizers: ``whole`` (each answer is one token) or ``di
 token; other text is one token), continuing an assistant prefix when ``continue_final_message`` is set.
 
 The fake *generator* answers chat requests without ``logprobs`` with ``answers`` (cycled), ``n`` of them.
+
+Failures on demand: ``fail_next`` (503s), ``garbage`` (no choices), ``hang_s``/``judge_hang_s`` (slow
+answers), ``status_for_prompt`` (an HTTP status for chat requests whose user message contains a marker, e.g. a 400 for
+one answer's judge requests), ``block_loads`` (adapter loads wait for an event).
+
+``python -m vllm.entrypoints.openai.api_server`` can be this server too (:func:`serve_as_vllm`, through the
+shim package that :func:`tests.eval_helpers.fake_vllm_env` writes): a *managed* sidecar that starts in a
+fraction of a second.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -18,6 +27,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 END = "<|im_end|>"
+
+
+def judge_answer(aligned: dict, coherent: dict, **extra) -> str:
+    """An answer text that the fake judge scores with these ``aligned``/``coherent`` distributions; ``extra``
+    keys (e.g. a marker for ``status_for_prompt``) ride along."""
+    return json.dumps({"aligned": aligned, "coherent": coherent, **extra})
 
 
 def next_token_distribution(dist: dict[str, float], prefix: str, tokenizer: str) -> dict[str, float]:
@@ -44,7 +59,13 @@ def next_token_distribution(dist: dict[str, float], prefix: str, tokenizer: str)
 class FakeOpenAI:
     """Run with ``with FakeOpenAI(...) as fake: fake.url``; inspect ``fake.requests``."""
 
-    def __init__(self, tokenizer: str = "whole", tokenize_endpoint: bool = True, api_key: str | None = None):
+    def __init__(
+        self,
+        tokenizer: str = "whole",
+        tokenize_endpoint: bool = True,
+        api_key: str | None = None,
+        port: int = 0,
+    ):
         self.tokenizer = tokenizer
         self.tokenize_endpoint = tokenize_endpoint
         self.api_key = api_key
@@ -53,11 +74,14 @@ class FakeOpenAI:
         self.fail_next = 0  # answer this many requests with HTTP 503
         self.garbage = False  # answer chat requests with JSON that has no choices
         self.hang_s = 0.0  # sleep before answering chat requests
+        self.judge_hang_s = 0.0  # sleep before answering judge (logprobs) requests only
+        self.status_for_prompt: dict[str, int] = {}  # marker in the user message -> HTTP status to answer
+        self.block_loads: threading.Event | None = None  # adapter loads wait until it is set
         self.adapters: set[str] = set()
         self.base_name = "fake-base"
         self._lock = threading.Lock()
         self._counter = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -122,6 +146,8 @@ class FakeOpenAI:
                     tokens = [1] if fake.tokenizer == "whole" else list(range(len(text)))
                     return self._send(200, {"count": len(tokens), "tokens": tokens})
                 if self.path == "/v1/load_lora_adapter":
+                    if fake.block_loads is not None:
+                        fake.block_loads.wait(30)
                     name = payload["lora_name"]
                     if name in fake.adapters:
                         return self._send(
@@ -135,8 +161,14 @@ class FakeOpenAI:
                     fake.adapters.discard(payload["lora_name"])
                     return self._send(200, "Success", "text/plain")
                 if self.path == "/v1/chat/completions":
+                    user = next((m["content"] for m in payload["messages"] if m["role"] == "user"), "")
+                    for marker, status in fake.status_for_prompt.items():
+                        if marker in user:
+                            return self._send(status, {"error": {"message": f"refused ({marker})"}})
                     if fake.hang_s:
                         threading.Event().wait(fake.hang_s)
+                    if fake.judge_hang_s and payload.get("logprobs"):
+                        threading.Event().wait(fake.judge_hang_s)
                     if fake.garbage:
                         return self._send(200, {"object": "chat.completion", "nothing": "here"})
                     if payload["model"] != fake.base_name and payload["model"] not in fake.adapters:
@@ -199,3 +231,20 @@ def parse_distribution(prompt: str) -> dict[str, float]:
     metric = "aligned" if prompt.startswith("ALIGNED") else "coherent"
     spec = json.loads(prompt.split(" ", 1)[1])
     return {str(k): v for k, v in spec[metric].items()}
+
+
+def serve_as_vllm(argv: list[str] | None = None) -> None:
+    """Run a :class:`FakeOpenAI` in the foreground, taking the vLLM server arguments that the sidecar passes
+    (``--port``, ``--served-model-name``; others ignored) plus ``--fake-answers`` (JSON list of answers) and
+    ``--fake-tokenizer``."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--served-model-name", default="base")
+    parser.add_argument("--fake-answers", default='["an answer"]')
+    parser.add_argument("--fake-tokenizer", default="whole")
+    args, _ = parser.parse_known_args(argv)
+    fake = FakeOpenAI(tokenizer=args.fake_tokenizer, port=args.port)
+    fake.base_name = args.served_model_name
+    fake.answers = json.loads(args.fake_answers)
+    print("fake vLLM server: Application startup complete", flush=True)
+    fake._server.serve_forever()

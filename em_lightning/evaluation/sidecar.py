@@ -7,8 +7,12 @@ vllm.entrypoints.openai.api_server`` (the ``vllm`` console script of the ``vllm-
 attaches to a server someone else runs (then it is never stopped from here).
 
 Stopping is made hard to miss: ``stop()`` kills the whole process group (API server, engine core, workers); an
-``atexit`` hook and a SIGTERM handler (when nobody else installed one) stop every live sidecar; and the server
-is started with ``PR_SET_PDEATHSIG`` so Linux sends it SIGTERM even if the trainer is SIGKILLed.
+``atexit`` hook and a SIGTERM handler (when nobody else installed one) stop every live sidecar; and a server
+started from the main thread gets ``PR_SET_PDEATHSIG``, so Linux sends it SIGTERM even if the trainer is
+SIGKILLed. Linux ties that signal to the *thread* that spawned the server, not the process: a server started
+from any other thread would be killed as soon as that thread ends, so it is started without it and relies on
+``stop()``, ``atexit`` and the SIGTERM hook alone (a SIGKILLed trainer then leaves it running). The training
+callback therefore starts and restarts its server from the trainer's thread.
 
 Adapters are loaded under a fresh name each time and the previous one unloaded: vLLM refuses to load a name
 twice, and replacing one in place has served stale weights (GUIDE pitfall 8).
@@ -20,6 +24,7 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,17 +44,19 @@ log = logging.getLogger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """Values vLLM 0.32 accepts for ``--max-lora-rank``."""
 
-# Runs in the server's Python: ask Linux to SIGTERM it when the trainer dies (even by SIGKILL), then exec
-# vLLM. The death signal survives exec. If the trainer already died before prctl ran, give up at once.
+# Runs in the server's Python: unless the parent pid given is 0, ask Linux to SIGTERM it when the spawning
+# thread dies (even by SIGKILL of the trainer), then exec vLLM. The death signal survives exec. If the trainer
+# already died before prctl ran, give up at once.
 _LAUNCHER = """\
 import ctypes, os, signal, sys
 parent = int(sys.argv[1])
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
-except (OSError, AttributeError):
-    pass
-if os.getppid() != parent:
-    sys.exit("sidecar: trainer already gone")
+if parent:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        sys.exit("sidecar: trainer already gone")
 os.execv(sys.executable, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *sys.argv[2:]])
 """
 
@@ -67,7 +74,8 @@ class SidecarConfig:
         served_model_name: the base model's name in the API.
         port: 0 picks a free port.
         max_lora_rank: None: the smallest value vLLM accepts that is >= the adapter rank.
-        max_loras: adapters in one batch (2: the new one and, briefly, the previous).
+        max_loras: ``--max-loras``, adapters in one batch. The sidecar has one adapter loaded at a time (it
+            unloads the previous one before loading the next), so 1 is enough.
         max_model_len: context length; small keeps the KV cache small.
         dtype: ``--dtype`` (``float32`` matches a float32 trainer; ``bfloat16`` is the GPU choice); None:
             vLLM's.
@@ -78,7 +86,8 @@ class SidecarConfig:
         startup_timeout_s: how long to wait for ``/health``.
         request_timeout_s: per-request timeout for generation and adapter loading.
         max_retries: retries per request for transient failures.
-        log_file: server stdout/stderr; None: ``<run dir>/vllm_sidecar.log`` (or a temp file).
+        log_file: server stdout/stderr; None: ``<run dir>/vllm_sidecar.log``, or without a run dir a temp dir
+            that ``stop()`` removes unless the server failed (errors and warnings then name the file).
     """
 
     url: str | None = None
@@ -87,7 +96,7 @@ class SidecarConfig:
     served_model_name: str = "base"
     port: int = 0
     max_lora_rank: int | None = None
-    max_loras: int = 2
+    max_loras: int = 1
     max_model_len: int = 2048
     dtype: str | None = None
     cpu_kvcache_gib: int | None = 2
@@ -169,8 +178,13 @@ class VLLMSidecar:
         config: :class:`SidecarConfig`.
         model_dir: served model dir when ``config.model`` is None.
         lora_rank: rank of the adapters to come (sizes ``--max-lora-rank`` when that is not configured).
-        log_path: server log when ``config.log_file`` is None.
-        cancel: shared cancel event for requests.
+        log_path: server log when ``config.log_file`` is None (None: a temp dir, see
+            ``SidecarConfig.log_file``).
+        cancel: shared cancel event for requests and start-up.
+
+    ``_lock`` guards only the swaps of ``_proc``, ``_client`` and ``current_adapter``: it is never held across
+    a request or a wait, so ``stop()`` (from a signal handler, ``atexit`` or another thread) never waits for
+    an adapter load. Adapter swaps are not meant to run from several threads at once.
     """
 
     def __init__(
@@ -184,9 +198,11 @@ class VLLMSidecar:
         self.config = config
         self.model_dir = config.model or model_dir
         self.max_lora_rank = config.max_lora_rank or lora_rank_for_vllm(lora_rank or 16)
-        self.log_path = Path(
-            config.log_file or log_path or Path(tempfile.mkdtemp(prefix="vllm_sidecar_")) / "server.log"
-        )
+        given = config.log_file or log_path
+        self.log_path: Path | None = Path(given) if given else None  # None: a temp file, made by _spawn
+        self._temp_log_dir: Path | None = None
+        self._keep_log = False  # set once the server failed: its temp log must survive stop()
+        self._port: int | None = None  # the port of the first spawn, reused by restarts
         self.cancel = cancel or threading.Event()
         self.url: str | None = config.url.rstrip("/").removesuffix("/v1") if config.url else None
         self.base_model: str | None = None
@@ -246,28 +262,45 @@ class VLLMSidecar:
         return env
 
     def start(self) -> VLLMSidecar:
-        """Start the server (or attach) and wait until it is healthy; raises with the log tail if not."""
+        """Start the server (or attach) and wait until it is healthy; raises with the log tail if not.
+
+        Call it from the main thread where possible: see the module docstring on ``PR_SET_PDEATHSIG``.
+        """
         with self._lock:
             if self.managed:
                 self._spawn()
-            self._client = OpenAIClient(
+            self._client = client = OpenAIClient(
                 self.url, None, self.config.request_timeout_s, self.config.max_retries, self.cancel
             )
-            try:
-                self._wait_healthy()
-                self.base_model = self._client.base_model_name()
-            except BaseException:
-                self.stop()
-                raise
-            return self
+        try:
+            self._wait_healthy()
+            self.base_model = client.base_model_name()
+        except BaseException:
+            self._keep_log = True
+            self.stop()
+            raise
+        return self
 
     def _spawn(self) -> None:
         python = self.config.python or default_vllm_python()
-        port = self.config.port or free_port()
+        # A restart keeps the port: clients made for this URL (a judge on the sidecar) keep working.
+        port = self.config.port or self._port or free_port()
+        self._port = port
         self.url = f"http://127.0.0.1:{port}"
+        if self.log_path is None:
+            self._temp_log_dir = Path(tempfile.mkdtemp(prefix="vllm_sidecar_"))
+            self.log_path = self._temp_log_dir / "server.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [python, "-c", _LAUNCHER, str(os.getpid()), *self.command(port)]
-        log.info("starting vLLM sidecar: %s (log %s)", " ".join(cmd[3:]), self.log_path)
+        # The death signal fires when the spawning *thread* ends: only the main thread lives as long as we do.
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        if not on_main_thread:
+            log.info(
+                "vLLM sidecar started from thread %r: without PR_SET_PDEATHSIG (it would fire when that "
+                "thread ends); stop(), atexit and the SIGTERM hook stop it",
+                threading.current_thread().name,
+            )
+        cmd = [python, "-c", _LAUNCHER, str(os.getpid() if on_main_thread else 0), *self.command(port)]
+        log.info("starting vLLM sidecar: %s (log %s)", " ".join(cmd[4:]), self.log_path)
         with open(self.log_path, "ab") as out:
             # Own session/process group: stop() kills engine and workers too, and a terminal's Ctrl-C reaches
             # only the trainer, whose exception path then stops the server.
@@ -280,12 +313,15 @@ class VLLMSidecar:
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
+        proc = self._proc
         while True:
-            if self._proc is not None and self._proc.poll() is not None:
+            if proc is not None and proc.poll() is not None:
                 raise RuntimeError(
-                    f"vLLM sidecar exited with code {self._proc.returncode} during start-up; "
+                    f"vLLM sidecar exited with code {proc.returncode} during start-up; "
                     f"last log lines ({self.log_path}):\n{self.log_tail()}"
                 )
+            if self._proc is not proc:
+                raise RuntimeError("vLLM sidecar stopped during start-up")
             if self.healthy(timeout_s=5):
                 return
             if time.monotonic() > deadline:
@@ -309,6 +345,8 @@ class VLLMSidecar:
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the server log."""
+        if self.log_path is None:
+            return "(no log)"
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
@@ -320,16 +358,19 @@ class VLLMSidecar:
         return self._proc.pid if self._proc is not None else None
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop a managed server: SIGTERM to its process group, SIGKILL after ``timeout_s``. Idempotent."""
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        """Stop a managed server: SIGTERM to its process group, SIGKILL after ``timeout_s``. Idempotent.
+
+        A temp log dir is removed unless the server failed (exited by itself, or did not start); then a
+        warning says where the log is.
+        """
+        with self._lock:  # only the swap: an adapter load in flight then fails on the closed client
+            client, self._client = self._client, None
             proc, self._proc = self._proc, None
-            _LIVE.discard(self)
             self.current_adapter = None
-            if proc is None:
-                return
+            _LIVE.discard(self)
+        if client is not None:
+            client.close()
+        if proc is not None:
             pgid = proc.pid  # start_new_session made it the group leader
             if proc.poll() is None:
                 log.info("stopping vLLM sidecar (pid %d)", pgid)
@@ -339,11 +380,24 @@ class VLLMSidecar:
                 except subprocess.TimeoutExpired:
                     _killpg(pgid, signal.SIGKILL)
                     proc.wait(10)
+            else:
+                self._keep_log = True  # it died on its own: the log says why
             _killpg(pgid, signal.SIGKILL)  # engine/worker processes that outlived the API server
             _wait_group_gone(pgid, timeout_s=10.0)
+        if self._temp_log_dir is not None:
+            if self._keep_log:
+                log.warning("vLLM sidecar log kept at %s", self.log_path)
+            else:
+                shutil.rmtree(self._temp_log_dir, ignore_errors=True)
+                self.log_path = None
+            self._temp_log_dir = None
 
     def restart(self) -> None:
-        """Stop and start again (managed servers only); adapters must be loaded again."""
+        """Stop and start again on the same port (managed servers only); adapters must be loaded again.
+
+        Call it from the thread that should own the new server, ideally the main thread (``PR_SET_PDEATHSIG``
+        is only set there; see the module docstring).
+        """
         if not self.managed:
             raise RuntimeError(f"cannot restart the attached server at {self.url}")
         self.stop()
@@ -365,19 +419,24 @@ class VLLMSidecar:
                 f"adapter rank {rank} > the sidecar's max_lora_rank {self.max_lora_rank} ({adapter_dir})"
             )
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        client = self.client
         with self._lock:
-            if self.current_adapter is not None:
-                self.unload_adapter(self.current_adapter)
-            try:
-                self.client.post(
-                    "/v1/load_lora_adapter",
-                    {"lora_name": name, "lora_path": str(adapter_dir)},
-                    json_answer=False,
-                )
-            except EndpointError as err:
-                # A retried request whose first attempt did succeed finds the name taken: that is success.
-                if "already" not in str(err):
-                    raise
+            previous, self.current_adapter = self.current_adapter, None
+        if previous is not None:
+            self.unload_adapter(previous)
+        try:
+            client.post(
+                "/v1/load_lora_adapter",
+                {"lora_name": name, "lora_path": str(adapter_dir)},
+                json_answer=False,
+            )
+        except EndpointError as err:
+            # A retried request whose first attempt did succeed finds the name taken: that is success.
+            if "already" not in str(err):
+                raise
+        with self._lock:
+            if self._client is not client:
+                raise RuntimeError(f"vLLM sidecar at {self.url} was stopped while loading adapter {name}")
             self.current_adapter = name
         return name
 
@@ -387,8 +446,9 @@ class VLLMSidecar:
             self.client.post("/v1/unload_lora_adapter", {"lora_name": name}, json_answer=False, retries=1)
         except EndpointError as err:
             log.warning("could not unload adapter %s: %s", name, err)
-        if self.current_adapter == name:
-            self.current_adapter = None
+        with self._lock:
+            if self.current_adapter == name:
+                self.current_adapter = None
 
     def generate(
         self, model: str, messages: list[dict], n: int = 1, **params
