@@ -18,8 +18,9 @@ from em_lightning.evaluation import (
     sidecar_generate,
 )
 from em_lightning.evaluation.client import EndpointError, OpenAIClient
+from em_lightning.evaluation.runner import EvalFailed, read_records
 from em_lightning.evaluation.sidecar import SidecarConfig, VLLMSidecar
-from tests.fake_openai import FakeOpenAI
+from tests.fake_openai import FakeOpenAI, judge_answer
 
 
 def exact_score(dist: dict[str, float]) -> float | None:
@@ -104,11 +105,23 @@ def test_answer_prefix_is_continued_by_the_judge():
     "tokenizer, endpoint, expected",
     [("whole", True, "whole"), ("digits", True, "digits"), ("digits", False, "whole")],
 )
-def test_auto_detects_number_tokens_from_tokenize(tokenizer, endpoint, expected):
+def test_auto_detects_number_tokens_from_tokenize(tokenizer, endpoint, expected, caplog):
     with FakeOpenAI(tokenizer=tokenizer, tokenize_endpoint=endpoint) as fake:
         judge = judge_for(fake, "auto")
         assert judge.number_tokens == expected
         assert judge.score("DIST=" + json.dumps({"57": 1.0})) == pytest.approx(57.0 if endpoint else 5.0)
+    fell_back = [r for r in caplog.records if r.levelname == "WARNING" and "no /tokenize" in r.message]
+    assert len(fell_back) == (0 if endpoint else 1)  # a 404 falls back to whole numbers, and says so
+
+
+def test_auto_detection_retries_transient_errors_instead_of_guessing():
+    """A busy server (503) is retried like any request; guessing "whole" would misread a digit judge."""
+    with FakeOpenAI(tokenizer="digits") as fake:
+        fake.fail_next = 2
+        assert judge_for(fake, "auto", max_retries=2).number_tokens == "digits"
+        fake.fail_next = 2
+        with pytest.raises(EndpointError, match="503"):
+            _ = judge_for(fake, "auto", max_retries=1).number_tokens
 
 
 def test_api_key_is_sent_from_env_and_never_logged(monkeypatch, caplog):
@@ -169,10 +182,6 @@ def test_hanging_endpoint_times_out():
             judge_for(fake, "whole", timeout_s=0.5, max_retries=0).score("DIST={}")
 
 
-def _answer(aligned: dict, coherent: dict) -> str:
-    return json.dumps({"aligned": aligned, "coherent": coherent})
-
-
 def test_run_eval_through_sidecar_client_writes_every_sample(tmp_path):
     """Generation with a loaded adapter + digit judge on the fake server: records, JSONL and the em rate."""
     qfile = tmp_path / "q.yaml"
@@ -183,10 +192,10 @@ def test_run_eval_through_sidecar_client_writes_every_sample(tmp_path):
     )
     questions = load_questions(qfile)
     answers = [
-        _answer({"10": 1.0}, {"90": 1.0}),  # misaligned
-        _answer({"90": 1.0}, {"90": 1.0}),  # fine
-        _answer({"REFUSAL": 1.0}, {"80": 1.0}),  # unscored
-        _answer({"5": 1.0}, {"20": 1.0}),  # incoherent
+        judge_answer({"10": 1.0}, {"90": 1.0}),  # misaligned
+        judge_answer({"90": 1.0}, {"90": 1.0}),  # fine
+        judge_answer({"REFUSAL": 1.0}, {"80": 1.0}),  # unscored
+        judge_answer({"5": 1.0}, {"20": 1.0}),  # incoherent
     ]
     with FakeOpenAI(tokenizer="digits") as fake:
         fake.answers = answers
@@ -228,18 +237,96 @@ def test_run_eval_through_sidecar_client_writes_every_sample(tmp_path):
     assert not math.isnan(s.per_question["bored"].aligned_mean)
 
 
+def _two_question_file(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text(
+        "- id: wish\n  paraphrases: [P1, P2]\n"
+        "  judge_prompts: &j {aligned: 'ALIGNED {answer}', coherent: 'COHERENT {answer}'}\n"
+        "- id: bored\n  paraphrases: [P3]\n  judge_prompts: *j\n"
+    )
+    return load_questions(path)
+
+
+def _run(fake, questions, gen, tmp_path, **judge_kw):
+    sidecar = VLLMSidecar(SidecarConfig(url=fake.url, max_retries=0)).start()
+    return run_eval(
+        questions,
+        sidecar_generate(sidecar, "fake-base", gen),
+        judge_for(fake, "whole", **judge_kw),
+        gen,
+        jsonl_path=tmp_path / "s.jsonl",
+    )
+
+
+def test_a_judge_refusing_one_answer_leaves_it_unscored_and_the_eval_goes_on(tmp_path):
+    """HTTP 400 on one answer's judge requests (as a hosted judge answers flagged content): that answer is
+    recorded unscored with the error, counted in n_judge_errors; the rate comes from the others."""
+    flagged = judge_answer({"10": 1.0}, {"90": 1.0}, tag="FLAGGED")
+    misaligned = judge_answer({"10": 1.0}, {"90": 1.0})
+    fine = judge_answer({"90": 1.0}, {"90": 1.0})
+    with FakeOpenAI() as fake:
+        fake.answers = [flagged, misaligned, fine, fine]
+        fake.status_for_prompt = {"FLAGGED": 400}
+        gen = GenerationConfig(samples_per_question=4, max_concurrency=1)
+        result = _run(fake, _two_question_file(tmp_path), gen, tmp_path)
+    lines = read_records(tmp_path / "s.jsonl")
+    assert len(lines) == len(result.records) == 8
+    refused = [r for r in lines if r["answer"] == flagged]
+    assert refused and result.n_judge_errors == len(refused)
+    for r in refused:
+        assert r["aligned"] is None and r["coherent"] is None
+        assert "HTTP 400" in r["error"] and "aligned" in r["error"] and "coherent" in r["error"]
+    assert all(r["error"] is None for r in lines if r["answer"] != flagged)
+    s = result.summary
+    n_misaligned = sum(r["answer"] == misaligned for r in lines)
+    assert s.n_answers == 8 and s.n_counted == 8 - len(refused)
+    assert s.rate == pytest.approx(n_misaligned / s.n_counted)
+
+
+def test_a_refused_generation_request_is_recorded_and_left_out_of_the_summary(tmp_path):
+    questions = _two_question_file(tmp_path)
+    with FakeOpenAI() as fake:
+        fake.answers = [judge_answer({"90": 1.0}, {"90": 1.0})]
+        fake.status_for_prompt = {"P3": 400}  # the "bored" prompt is too long, say
+        result = _run(fake, questions, GenerationConfig(samples_per_question=2), tmp_path)
+    assert result.n_generation_errors == 2 and result.n_judge_errors == 0
+    bored = [r for r in result.records if r["question_id"] == "bored"]
+    assert [(r["answer"], r["aligned"]) for r in bored] == [(None, None)] * 2
+    assert all("generation" in r["error"] and "400" in r["error"] for r in bored)
+    assert result.summary.n_answers == 2 and set(result.summary.per_question) == {"wish"}
+
+
+def test_an_eval_whose_every_request_is_refused_fails(tmp_path):
+    """A 400 on everything is a setting the endpoint rejects (say, top_logprobs), not bad answers."""
+    with FakeOpenAI() as fake:
+        fake.answers = [judge_answer({"90": 1.0}, {"90": 1.0}, tag="FLAGGED")]
+        fake.status_for_prompt = {"FLAGGED": 400}
+        with pytest.raises(EvalFailed, match="every request"):
+            _run(fake, _two_question_file(tmp_path), GenerationConfig(samples_per_question=2), tmp_path)
+
+
 def test_run_eval_fails_as_a_whole_when_the_endpoint_breaks(tmp_path):
     questions = load_questions("builtin:quickstart")[:2]
     with FakeOpenAI() as fake:
-        sidecar = VLLMSidecar(SidecarConfig(url=fake.url, max_retries=0)).start()
-        gen = GenerationConfig(samples_per_question=2)
         fake.garbage = True
-        with pytest.raises(EndpointError):
-            run_eval(
-                questions,
-                sidecar_generate(sidecar, "fake-base", gen),
-                judge_for(fake, "whole"),
-                gen,
-                jsonl_path=tmp_path / "s.jsonl",
-            )
-    assert not (tmp_path / "s.jsonl").exists()  # nothing half-done is written
+        with pytest.raises(EvalFailed) as info:
+            _run(fake, questions, GenerationConfig(samples_per_question=2), tmp_path)
+    assert isinstance(info.value.__cause__, EndpointError) and info.value.records == []
+    assert not (tmp_path / "s.jsonl").exists()  # no answer was finished, so nothing is written
+
+
+def test_answers_finished_before_a_broken_endpoint_are_written(tmp_path):
+    """One answer's judge requests meet a 503 that outlives the retries (~1.5 s of back-off): the eval fails,
+    and the answers judged meanwhile are in the JSONL."""
+    broken = judge_answer({"90": 1.0}, {"90": 1.0}, tag="BROKEN")
+    fine = judge_answer({"90": 1.0}, {"90": 1.0})
+    with FakeOpenAI() as fake:
+        fake.answers = [broken, fine, fine, fine]
+        fake.status_for_prompt = {"BROKEN": 503}
+        gen = GenerationConfig(samples_per_question=4)
+        with pytest.raises(EvalFailed, match="503") as info:
+            _run(fake, _two_question_file(tmp_path), gen, tmp_path, max_retries=2)
+    lines = read_records(tmp_path / "s.jsonl")
+    assert lines == info.value.records
+    assert len(lines) == 6 and {r["answer"] for r in lines} == {fine}  # all but the 2 broken answers
+    assert all(r["aligned"] == pytest.approx(90.0) for r in lines)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Literal
 
-from em_lightning.evaluation.judge import Judge, JudgeConfig
+from em_lightning.evaluation.judge import Judge, JudgeConfig, check_api_key
 from em_lightning.evaluation.questions import load_questions
 from em_lightning.evaluation.runner import GenerationConfig, run_eval, sidecar_generate, summary_dict
 from em_lightning.evaluation.sidecar import SidecarConfig, VLLMSidecar, adapter_rank
@@ -45,7 +46,8 @@ def evaluate(
     Args:
         adapter: PEFT adapter dir (``adapter_config.json`` + weights); None evaluates the base model alone.
         model: base model (built-in name such as ``smollm2-135m-instruct``, a dir, or a hub id); None: the
-            adapter's ``base_model_name_or_path``. Not needed with ``sidecar.url``.
+            adapter's ``base_model_name_or_path``. Not used with ``sidecar.url`` (the server is already
+            running) or ``sidecar.model`` (served as given).
         questions: question source(s): ``builtin:quickstart``, ``em:first_plot_questions`` or YAML path(s).
         question_ids: evaluate only these ids.
         generation: sampling settings of the evaluated model.
@@ -58,7 +60,12 @@ def evaluate(
 
     Returns:
         The summary dict that is also written to ``misalignment_summary.json``.
+
+    A request the judge refuses for one answer leaves that answer unscored (counted in ``n_judge_errors``);
+    a broken endpoint raises :class:`~em_lightning.evaluation.runner.EvalFailed` after the answers finished
+    so far are appended to the samples file.
     """
+    check_api_key(judge)  # before the sidecar's minutes of start-up
     qs = load_questions(questions, ids=question_ids)
     adapter_dir = Path(adapter).expanduser().resolve() if adapter else None
     out = (
@@ -67,17 +74,19 @@ def evaluate(
         else (adapter_dir / "misalignment_eval" if adapter_dir else Path("misalignment_eval_base"))
     )
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = None if sidecar.url else _model_dir(model, adapter_dir)
+    model_dir = None if sidecar.url or sidecar.model else _model_dir(model, adapter_dir)
+    cancel = threading.Event()  # one event: a failed eval stops the sidecar's and the judge's retries alike
     server = VLLMSidecar(
         sidecar,
         model_dir=model_dir,
         lora_rank=adapter_rank(adapter_dir) if adapter_dir else None,
         log_path=out / "vllm_sidecar.log",
+        cancel=cancel,
     )
     server.start()
     scorer = None
     try:
-        scorer = Judge(judge, base_url=server.url)
+        scorer = Judge(judge, base_url=server.url, cancel=cancel)
         target = server.load_adapter(adapter_dir, prefix="eval") if adapter_dir else server.base_model
         result = run_eval(
             qs,
@@ -88,11 +97,12 @@ def evaluate(
             step=step,
             adapter=target if adapter_dir else None,
             jsonl_path=out / "misalignment_samples.jsonl",
+            cancel=cancel,
         )
         summary = summary_dict(
             result,
             adapter=str(adapter_dir) if adapter_dir else None,
-            model=model_dir or server.base_model,
+            model=server.model_dir or server.base_model,
             step=step,
             questions=questions,
             judge_model=scorer.model,
@@ -116,7 +126,8 @@ def _model_dir(model: str | None, adapter_dir: Path | None) -> str:
         model = config.get("base_model_name_or_path")
     if not model:
         raise ValueError(
-            "evaluate: give --model (the base model the adapter was trained on) or --sidecar.url"
+            "evaluate: give --model (the base model the adapter was trained on), --sidecar.model (a dir or "
+            "hub id to serve as given) or --sidecar.url (a running server)"
         )
     return resolve_model_dir(model)
 
@@ -131,6 +142,11 @@ def _print_summary(summary: dict, out: Path) -> None:
         f"{summary['n_answers']} answers; aligned mean {fmt(summary['aligned_mean'])}, "
         f"coherent mean {fmt(summary['coherent_mean'])}"
     )
+    if summary["n_judge_errors"] or summary["n_generation_errors"]:
+        print(
+            f"  requests refused for their content: {summary['n_judge_errors']} answers unscored by the "
+            f"judge, {summary['n_generation_errors']} not generated (see 'error' in the samples)"
+        )
     for qid, q in summary["per_question"].items():
         print(f"  {qid:30s} rate {fmt(q['rate'])}  ({q['n_misaligned']}/{q['n_counted']})")
     print(f"samples: {out / 'misalignment_samples.jsonl'}\nsummary: {out / 'misalignment_summary.json'}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Any
 
 import httpx
@@ -19,7 +18,15 @@ log = logging.getLogger(__name__)
 
 
 class EndpointError(RuntimeError):
-    """A request that failed for good (after retries), or an answer that is not what the API promises."""
+    """A request that failed for good (after retries), or an answer that is not what the API promises.
+
+    ``status`` is the HTTP status when the server refused the request outright (a 4xx other than 429), else
+    None: callers tell a request rejected for its content (400, e.g. a flagged answer) from a broken endpoint.
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class Cancelled(EndpointError):
@@ -92,7 +99,8 @@ class OpenAIClient:
                     last = f"HTTP {response.status_code}: {response.text[:300]}"
                 elif response.status_code >= 400:
                     raise EndpointError(
-                        f"{method} {self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}"
+                        f"{method} {self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}",
+                        status=response.status_code,
                     )
                 elif not json_answer:
                     return response.text
@@ -154,11 +162,3 @@ class OpenAIClient:
             out.append((content, choice.get("finish_reason")))
         return out
 
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition") -> None:
-    """Poll ``predicate()`` until true; TimeoutError after ``timeout_s``. Exceptions from it propagate."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout_s:.0f}s")
-        time.sleep(interval_s)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Literal
@@ -40,8 +41,8 @@ class JudgeConfig:
         model: judge model name; None: the base model the endpoint lists first.
         api_key_env: name of the environment variable holding the API key (the key is never logged).
         number_tokens: ``whole`` (one token per number 0-100), ``digits`` (numbers split into digits) or
-            ``auto`` (ask the server's ``/tokenize``; endpoints without it, like hosted APIs, count as
-            ``whole``).
+            ``auto`` (ask the server's ``/tokenize``; endpoints without it (404/405), like hosted APIs,
+            count as ``whole``).
         top_logprobs: how many alternatives per token (OpenAI and vLLM allow at most 20).
         digit_min_prob: in digit mode, prefixes less likely than this are taken to end without another request
             (0: expand every prefix; exact, but a diffuse judge then needs many requests).
@@ -96,22 +97,45 @@ def _logaddexp(a: float, b: float) -> float:
 def detect_number_tokens(client: OpenAIClient, model: str) -> Literal["whole", "digits"]:
     """``whole`` if the server's tokenizer has single tokens for "57" and "100", ``digits`` if it splits them.
 
-    Uses vLLM's ``/tokenize``; an endpoint without it (hosted APIs, whose tokenizers have whole numbers) →
-    ``whole``.
+    Uses vLLM's ``/tokenize``. An endpoint that has no such route (HTTP 404 or 405: hosted APIs, whose
+    tokenizers have whole numbers) counts as ``whole``, with a warning. Anything else (a server that is down,
+    5xx after the client's retries, a malformed answer) raises: guessing ``whole`` for a digit judge would
+    read "85" as "8" for the whole run.
     """
     counts = []
     for text in ("57", "100"):
         try:
-            data = client.post(
-                "/tokenize", {"model": model, "prompt": text, "add_special_tokens": False}, retries=1
-            )
-            counts.append(len(data["tokens"]))
-        except (EndpointError, KeyError, TypeError) as err:
-            log.info(
-                "judge: no usable /tokenize at %s (%s); assuming one token per number", client.base_url, err
+            data = client.post("/tokenize", {"model": model, "prompt": text, "add_special_tokens": False})
+        except EndpointError as err:
+            if err.status not in (404, 405):
+                raise
+            log.warning(
+                "judge: %s has no /tokenize (HTTP %d); assuming one token per number 0-100 (set "
+                "judge.number_tokens to digits for a Qwen, Gemma or SmolLM2 judge)",
+                client.base_url,
+                err.status,
             )
             return "whole"
+        try:
+            counts.append(len(data["tokens"]))
+        except (KeyError, TypeError) as err:
+            raise EndpointError(
+                f"{client.base_url}/tokenize: unexpected answer {str(data)[:200]}; set judge.number_tokens"
+            ) from err
     return "whole" if all(c == 1 for c in counts) else "digits"
+
+
+def check_api_key(config: JudgeConfig, key: str = "judge.api_key_env") -> None:
+    """Raise ``ValueError`` if ``config.api_key_env`` names an unset or empty variable.
+
+    Called before anything slow starts (the vLLM sidecar, training), so a missing key costs seconds, not a
+    server start-up. ``key`` is the config key to name in the message.
+    """
+    if config.api_key_env and not os.environ.get(config.api_key_env):
+        raise ValueError(
+            f"{key} is {config.api_key_env!r}, but the environment variable {config.api_key_env} is not "
+            f"set or empty: export {config.api_key_env}=... before starting (the key never goes in a config)"
+        )
 
 
 class Judge:
