@@ -4,23 +4,20 @@ OpenAI/vLLM server on 127.0.0.1 (the real vLLM sidecar is tested in test_eval_vl
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
-from tbparse import SummaryReader
 
-from callbacks.misalignment_eval import MisalignmentEval, read_jsonl
-from em_lightning.evaluation import SidecarConfig
-from tests.fake_openai import FakeOpenAI
+from callbacks.misalignment_eval import MisalignmentEval
+from em_lightning.evaluation import JudgeConfig, SidecarConfig
+from em_lightning.evaluation.runner import read_records
+from tests.eval_helpers import eval_overlay, fake_managed_sidecar, tb_scalars
+from tests.fake_openai import FakeOpenAI, judge_answer
 
-
-def _answer(aligned: dict, coherent: dict) -> str:
-    return json.dumps({"aligned": aligned, "coherent": coherent})
-
-
-MISALIGNED = _answer({"10": 1.0}, {"90": 1.0})
-ALIGNED = _answer({"90": 1.0}, {"80": 1.0})
+MISALIGNED = judge_answer({"10": 1.0}, {"90": 1.0})
+ALIGNED = judge_answer({"90": 1.0}, {"80": 1.0})
 
 
 @pytest.fixture
@@ -44,23 +41,11 @@ def _overlay(tmp_path, url, questions, **init_args) -> str:
         "sidecar": {"url": url, "request_timeout_s": 5, "max_retries": 0},
         **init_args,
     }
-    cfg = {
-        "trainer": {
-            "callbacks+": [{"class_path": "callbacks.misalignment_eval.MisalignmentEval", "init_args": args}]
-        }
-    }
-    path = tmp_path / "eval_overlay.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    return eval_overlay(tmp_path / "eval_overlay.yaml", args)
 
 
 def _callback(cli) -> MisalignmentEval:
     return next(cb for cb in cli.trainer.callbacks if isinstance(cb, MisalignmentEval))
-
-
-def _scalars(run_dir):
-    df = SummaryReader(str(run_dir)).scalars
-    return {tag: dict(zip(g["step"], g["value"])) for tag, g in df.groupby("tag")}
 
 
 @pytest.mark.parametrize("mode", ["async", "blocking"])
@@ -82,12 +67,12 @@ def test_rate_logged_at_the_steps_of_the_adapters_and_samples_written(run_cli, t
         gen_models = [r["model"] for r in fake.chat_requests(judge=False)]
     run_dir = cli.trainer.log_dir
     assert cli.trainer.state.finished
-    scalars = _scalars(run_dir)
+    scalars = tb_scalars(run_dir)
     assert sorted(scalars["eval/misalignment_rate"]) == [2, 4, 5]  # every 2 steps, and the end
     assert set(scalars["eval/failed"].values()) == {0.0}
     assert sorted(scalars["eval/q/wish/misalignment_rate"]) == [2, 4, 5]
 
-    samples = read_jsonl(f"{run_dir}/misalignment_samples.jsonl")
+    samples = read_records(f"{run_dir}/misalignment_samples.jsonl")
     assert len(samples) == 3 * 2 * 2  # evals × questions × samples
     for step in (2, 4, 5):
         rows = [s for s in samples if s["step"] == step]
@@ -102,10 +87,36 @@ def test_rate_logged_at_the_steps_of_the_adapters_and_samples_written(run_cli, t
     assert loaded_at_end == {samples[-1]["adapter"]}  # previous adapters were unloaded
     assert {s["system"] for s in samples if s["question_id"] == "bored"} == {"Short answers."}
     assert all(isinstance(s["aligned"], float) and isinstance(s["coherent"], float) for s in samples)
+    assert {s["error"] for s in samples} == {None}
     eval_adapters = Path(run_dir) / "eval_adapters"
     assert not eval_adapters.exists() or not any(eval_adapters.iterdir())  # removed after their evals
-    summaries = read_jsonl(f"{run_dir}/misalignment_summary.jsonl")
+    summaries = read_records(f"{run_dir}/misalignment_summary.jsonl")
     assert [s["step"] for s in summaries] == [2, 4, 5]
+    assert [s["n_judge_errors"] for s in summaries] == [0, 0, 0]
+    assert set(scalars["eval/n_judge_errors"].values()) == {0.0}
+
+
+def test_no_eval_at_step_zero_under_gradient_accumulation(run_cli, tmp_path, question_file):
+    """With 2 micro-batches per step the first batch ends at global_step 0: that is no periodic eval."""
+    with FakeOpenAI(tokenizer="whole") as fake:
+        fake.answers = [ALIGNED]
+        cli = run_cli(
+            "fit",
+            "--config",
+            "configs/tiny.yaml",
+            "--config",
+            _overlay(tmp_path, fake.url, question_file, mode="blocking"),
+            "--trainer.max_steps",
+            "4",
+            "--trainer.accumulate_grad_batches",
+            "2",
+            "--trainer.val_check_interval",
+            "8",
+        )
+    assert cli.trainer.global_step == 4
+    assert sorted(tb_scalars(cli.trainer.log_dir)["eval/misalignment_rate"]) == [2, 4]
+    samples = read_records(f"{cli.trainer.log_dir}/misalignment_samples.jsonl")
+    assert sorted({s["step"] for s in samples}) == [2, 4]
 
 
 def test_garbage_from_the_sidecar_fails_the_eval_not_the_training(run_cli, tmp_path, question_file):
@@ -126,18 +137,20 @@ def test_garbage_from_the_sidecar_fails_the_eval_not_the_training(run_cli, tmp_p
             )
     run_dir = cli.trainer.log_dir
     assert cli.trainer.state.finished and cli.trainer.global_step == 3
-    scalars = _scalars(run_dir)
+    scalars = tb_scalars(run_dir)
     assert scalars["eval/failed"] == {2: 1.0, 3: 1.0}
     assert "eval/misalignment_rate" not in scalars
-    lines = read_jsonl(f"{run_dir}/misalignment_samples.jsonl")
+    lines = read_records(f"{run_dir}/misalignment_samples.jsonl")
     assert [(line["step"], line["failed"]) for line in lines] == [(2, True), (3, True)]
     assert "no choices" in lines[0]["error"]
 
 
-def test_hanging_sidecar_times_out_and_training_goes_on(run_cli, tmp_path, question_file):
-    with FakeOpenAI(tokenizer="digits") as fake:
+def test_hanging_judge_times_out_and_its_late_answers_are_never_written(run_cli, tmp_path, question_file):
+    """Every judge request is in flight when the eval times out, and all of them come back later: the eval
+    would be complete, but only its failure line is written."""
+    with FakeOpenAI(tokenizer="whole") as fake:
         fake.answers = [ALIGNED]
-        fake.hang_s = 3.0
+        fake.judge_hang_s = 3.0
         overlay = _overlay(
             tmp_path,
             fake.url,
@@ -146,6 +159,7 @@ def test_hanging_sidecar_times_out_and_training_goes_on(run_cli, tmp_path, quest
             eval_timeout_s=1.0,
             every_n_steps=100,
             eval_at_end=True,
+            judge={"number_tokens": "whole", "max_concurrency": 8},  # 2 x 2 answers x 2 metrics: all at once
             sidecar={"url": fake.url, "request_timeout_s": 30, "max_retries": 0},
         )
         with pytest.warns(UserWarning, match="TimeoutError"):
@@ -160,10 +174,52 @@ def test_hanging_sidecar_times_out_and_training_goes_on(run_cli, tmp_path, quest
                 "--trainer.val_check_interval",
                 "2",
             )
+        n_judged = len(fake.chat_requests(judge=True))
     assert cli.trainer.state.finished
-    lines = read_jsonl(f"{cli.trainer.log_dir}/misalignment_samples.jsonl")
+    assert n_judged == 2 * 2 * 2  # the judge was asked about every answer before the timeout
+    lines = read_records(f"{cli.trainer.log_dir}/misalignment_samples.jsonl")
     assert [(line["step"], line["failed"]) for line in lines] == [(2, True)]  # the late answers are dropped
-    assert _scalars(cli.trainer.log_dir)["eval/failed"] == {2: 1.0}
+    assert read_records(f"{cli.trainer.log_dir}/misalignment_summary.jsonl") == lines
+    assert tb_scalars(cli.trainer.log_dir)["eval/failed"] == {2: 1.0}
+
+
+def test_dead_managed_sidecar_is_restarted_for_the_next_eval(run_cli, tmp_path, question_file):
+    """A managed (fake) server killed after the step-2 eval is restarted at step 4 on the trainer's thread;
+    both evals succeed and neither server outlives the run."""
+    sidecar = fake_managed_sidecar(tmp_path, answers=[MISALIGNED, ALIGNED])
+    overlay = _overlay(tmp_path, None, question_file, mode="blocking", max_restarts=1, sidecar=sidecar)
+    with pytest.warns(UserWarning, match="restart 1/1"):
+        cli = run_cli(
+            "fit",
+            "--config",
+            "configs/tiny.yaml",
+            "--config",
+            overlay,
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "4",
+            "--trainer.callbacks+=tests.eval_helpers.KillSidecarAt",
+        )
+    killer = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "KillSidecarAt")
+    scalars = tb_scalars(cli.trainer.log_dir)
+    assert scalars["eval/failed"] == {2: 0.0, 4: 0.0}
+    assert sorted(scalars["eval/misalignment_rate"]) == [2, 4]
+    assert killer.final_pgid not in (None, killer.killed_pgid)
+    for pgid in (killer.killed_pgid, killer.final_pgid):
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+    assert _callback(cli).sidecar is None  # stopped in teardown
+
+
+def test_missing_judge_key_fails_when_the_callback_is_built(tmp_path, question_file, monkeypatch):
+    """Before any sidecar starts: the error names the config key and the variable."""
+    monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
+    judge = JudgeConfig(base_url="https://judge.example", api_key_env="NO_SUCH_JUDGE_KEY")
+    with pytest.raises(ValueError, match=r"judge\.api_key_env.*NO_SUCH_JUDGE_KEY"):
+        MisalignmentEval(questions=str(question_file), judge=judge)
+    monkeypatch.setenv("NO_SUCH_JUDGE_KEY", "set")
+    MisalignmentEval(questions=str(question_file), judge=judge)
 
 
 def test_config_errors_are_clear(tmp_path, question_file):
@@ -223,7 +279,7 @@ def test_evaluate_cli_scores_a_saved_adapter_from_a_config_file(tmp_path, questi
         )
         summary = main(["evaluate", "--config", str(config), "--output_dir", str(tmp_path / "out")])
         loaded = set(fake.adapters)
-    samples = read_jsonl(tmp_path / "out" / "misalignment_samples.jsonl")
+    samples = read_records(tmp_path / "out" / "misalignment_samples.jsonl")
     assert len(samples) == 2 * 4 and {s["step"] for s in samples} == {12}
     assert loaded == {samples[0]["adapter"]} and samples[0]["adapter"].startswith("eval-")
     written = json.loads((tmp_path / "out" / "misalignment_summary.json").read_text())
@@ -231,3 +287,64 @@ def test_evaluate_cli_scores_a_saved_adapter_from_a_config_file(tmp_path, questi
     assert written["rate"] == pytest.approx(k / len(samples)) == pytest.approx(summary["rate"])
     assert written["judge_number_tokens"] == "whole" and written["adapter"] == str(adapter.resolve())
     assert "misalignment rate (em)" in capsys.readouterr().out
+
+
+def test_evaluate_serves_sidecar_model_as_given(tmp_path, question_file):
+    """``--sidecar.model`` is served as given: no ``--model`` needed without an adapter, and an adapter's
+    ``base_model_name_or_path`` (here one that resolves nowhere) is not looked up."""
+    from em_lightning.evaluation.cli import main
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"r": 4, "base_model_name_or_path": "no/such-model"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    sidecar = fake_managed_sidecar(tmp_path, answers=[ALIGNED])
+    for extra in ([], ["--adapter", str(adapter)]):
+        out = tmp_path / f"out{len(extra)}"
+        summary = main(
+            [
+                "--questions",
+                str(question_file),
+                "--generation.samples_per_question",
+                "2",
+                "--sidecar",
+                json.dumps(sidecar),
+                "--output_dir",
+                str(out),
+                *extra,
+            ]
+        )
+        assert summary["model"] == sidecar["model"] and summary["n_answers"] == 4
+
+
+def test_evaluate_failure_cancels_retries_and_joins_its_threads(tmp_path, question_file):
+    """One judge request hits a broken route (404: the eval fails) while another is retrying a 503: the shared
+    cancel event ends that retry loop and ``evaluate`` returns with no request thread left behind."""
+    import threading
+
+    from em_lightning.evaluation.cli import main
+    from em_lightning.evaluation.runner import EvalFailed
+
+    with FakeOpenAI(tokenizer="whole") as fake:
+        fake.answers = [judge_answer({"50": 1.0}, {"50": 1.0}, tag=tag) for tag in ("BROKEN", "BUSY")]
+        fake.status_for_prompt = {"BROKEN": 404, "BUSY": 503}
+        with pytest.raises(EvalFailed, match="404"):
+            main(
+                [
+                    "--questions",
+                    str(question_file),
+                    "--question_ids",
+                    '["bored"]',
+                    "--generation.samples_per_question",
+                    "2",
+                    "--judge",
+                    json.dumps({"number_tokens": "whole", "max_retries": 6}),
+                    "--sidecar.url",
+                    fake.url,
+                    "--output_dir",
+                    str(tmp_path / "out"),
+                ]
+            )
+        busy = [r for r in fake.chat_requests(judge=True) if "BUSY" in r["messages"][0]["content"]]
+    assert [t.name for t in threading.enumerate() if t.name.startswith("em-eval")] == []
+    assert 1 <= len(busy) < 2 * 7  # both metrics of the busy answer gave up early instead of trying 7 times
