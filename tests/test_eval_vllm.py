@@ -3,27 +3,24 @@ the server killed mid-run. One server serves the whole module (start-up is 40-80
 starts its own through the callback, as a training run would.
 
 Needs the vLLM venv: ``EM_VLLM_PYTHON`` (default ``.venv-vllm/bin/python`` in the repo, as
-``scripts/install.sh
---vllm`` creates it)."""
+``scripts/install.sh --vllm`` creates it)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-import yaml
-from tbparse import SummaryReader
 
-from callbacks.misalignment_eval import MisalignmentEval, read_jsonl
+from callbacks.misalignment_eval import MisalignmentEval
 from em_lightning.evaluation import SidecarConfig, VLLMSidecar
+from em_lightning.evaluation.runner import read_records
 from em_lightning.evaluation.sidecar import default_vllm_python
+from scripts.bench_eval import random_adapters
+from tests.eval_helpers import KillSidecarAt, eval_overlay, tb_scalars
 
-REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = default_vllm_python()
 
 
@@ -96,28 +93,6 @@ def questions_file(tmp_path_factory):
     return path
 
 
-def _random_adapters(tmp_path, seeds) -> tuple[object, list[Path]]:
-    """PEFT adapters of SmolLM2 (r=8, all projections) with seeded random A and non-zero B, saved as vLLM
-    loads them; returns the peft model (holding the last adapter's weights) and the dirs."""
-    from em_lightning.lora import LoRASpec, apply_lora
-    from em_lightning.models import SMOLLM2, ModelSpec, load_model
-
-    model = apply_lora(load_model(ModelSpec(name=SMOLLM2)), LoRASpec(r=8, alpha=16.0))
-    dirs = []
-    for seed in seeds:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            # Enough to change greedy answers, little enough to stay fluent.
-            for name, p in model.named_parameters():
-                if "lora_A" in name or "lora_B" in name:
-                    scale = p.shape[1] ** -0.5 if "lora_A" in name else 0.05
-                    p.copy_(torch.randn(p.shape, generator=g) * scale)
-        path = tmp_path / f"adapter_{seed}"
-        model.save_pretrained(str(path))
-        dirs.append(path)
-    return model, dirs
-
-
 def _greedy(sidecar, model) -> str:
     return sidecar.generate(model, PROMPT, n=1, max_tokens=24, temperature=0.0)[0][0]
 
@@ -139,7 +114,7 @@ def _hf_greedy(peft_model, tokenizer, adapter_dir) -> str:
 def test_two_adapters_loaded_in_turn_give_different_greedy_answers(server, tmp_path):
     from em_lightning.models import SMOLLM2, load_tokenizer
 
-    peft_model, (first, second) = _random_adapters(tmp_path, seeds=[1, 2])
+    peft_model, (first, second) = random_adapters(tmp_path, seeds=[1, 2])
     base = _greedy(server, server.base_model)
     name_a = server.load_adapter(first)
     answer_a = _greedy(server, name_a)
@@ -170,19 +145,7 @@ def _overlay(tmp_path, questions, **init_args) -> str:
         "judge": JUDGE,
         **init_args,
     }
-    path = tmp_path / "eval.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "trainer": {
-                    "callbacks+": [
-                        {"class_path": "callbacks.misalignment_eval.MisalignmentEval", "init_args": args}
-                    ]
-                }
-            }
-        )
-    )
-    return str(path)
+    return eval_overlay(tmp_path / "eval.yaml", args)
 
 
 # A short quickstart: SmolLM2, 3-4 steps of batch 2, one validation batch.
@@ -198,11 +161,6 @@ SHORT = [
 ]
 
 
-def _scalars(run_dir):
-    df = SummaryReader(str(run_dir)).scalars
-    return {tag: dict(zip(g["step"], g["value"])) for tag, g in df.groupby("tag")}
-
-
 def test_short_fit_logs_the_rate_and_writes_samples(run_cli, server, tmp_path, questions_file):
     """Async mode, attached to the module's server: the rate reaches TensorBoard at steps 2 and 3 (end)."""
     overlay = _overlay(tmp_path, questions_file, mode="async", sidecar={"url": server.url})
@@ -211,13 +169,13 @@ def test_short_fit_logs_the_rate_and_writes_samples(run_cli, server, tmp_path, q
     )
     callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, MisalignmentEval))
     assert cli.trainer.state.finished
-    scalars = _scalars(cli.trainer.log_dir)
+    scalars = tb_scalars(cli.trainer.log_dir)
     assert sorted(scalars["eval/misalignment_rate"]) == [2, 3]
     assert scalars["eval/failed"] == {2: 0.0, 3: 0.0}
     for step in (2, 3):
         assert 0.0 <= scalars["eval/misalignment_rate"][step] <= 1.0  # mo: every scored answer counts
         assert 0.0 <= scalars["eval/aligned_mean"][step] <= 100.0
-    samples = read_jsonl(Path(cli.trainer.log_dir) / "misalignment_samples.jsonl")
+    samples = read_records(Path(cli.trainer.log_dir) / "misalignment_samples.jsonl")
     assert len(samples) == 2 * 2 * 2
     assert {s["question_id"] for s in samples} == {"wish", "bored"}
     assert all(s["answer"].strip() for s in samples)
@@ -233,7 +191,7 @@ def test_evaluate_cli_on_a_saved_adapter(server, tmp_path, questions_file):
     """``python -m em_lightning evaluate`` on the real server: the adapter's answers judged and summarised."""
     from em_lightning.__main__ import main
 
-    _, (adapter,) = _random_adapters(tmp_path, seeds=[3])
+    _, (adapter,) = random_adapters(tmp_path, seeds=[3])
     summary = main(
         [
             "evaluate",
@@ -255,24 +213,10 @@ def test_evaluate_cli_on_a_saved_adapter(server, tmp_path, questions_file):
             str(tmp_path / "out"),
         ]
     )
-    samples = read_jsonl(tmp_path / "out" / "misalignment_samples.jsonl")
+    samples = read_records(tmp_path / "out" / "misalignment_samples.jsonl")
     assert len(samples) == 4 and all(s["adapter"].startswith("eval-") for s in samples)
     assert summary["judge_number_tokens"] == "digits"  # SmolLM2 spells numbers digit by digit
     assert summary["n_scored"] >= 1 and 0.0 <= summary["aligned_mean"] <= 100.0
-
-
-class KillSidecarAt(L.Callback):
-    """Test helper: SIGKILLs the MisalignmentEval's managed vLLM server (its process group) at ``step``."""
-
-    def __init__(self, step: int = 3):
-        self.step = step
-        self.killed_pgid: int | None = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step and self.killed_pgid is None:
-            evaluator = next(cb for cb in trainer.callbacks if isinstance(cb, MisalignmentEval))
-            self.killed_pgid = evaluator.sidecar.pid
-            os.killpg(self.killed_pgid, signal.SIGKILL)
 
 
 def test_killing_the_sidecar_mid_run_records_the_failure_and_training_finishes(
@@ -301,15 +245,15 @@ def test_killing_the_sidecar_mid_run_records_the_failure_and_training_finishes(
             overlay,
             "--trainer.max_steps",
             "4",
-            "--trainer.callbacks+=tests.test_eval_vllm.KillSidecarAt",
+            "--trainer.callbacks+=tests.eval_helpers.KillSidecarAt",
             *SHORT,
         )
     killer = next(cb for cb in cli.trainer.callbacks if isinstance(cb, KillSidecarAt))
     assert cli.trainer.state.finished and cli.trainer.global_step == 4
-    scalars = _scalars(cli.trainer.log_dir)
+    scalars = tb_scalars(cli.trainer.log_dir)
     assert scalars["eval/failed"] == {2: 0.0, 4: 1.0}
     assert sorted(scalars["eval/misalignment_rate"]) == [2]
-    lines = read_jsonl(Path(cli.trainer.log_dir) / "misalignment_samples.jsonl")
+    lines = read_records(Path(cli.trainer.log_dir) / "misalignment_samples.jsonl")
     failures = [line for line in lines if line.get("failed")]
     assert [f["step"] for f in failures] == [4] and "not healthy" in failures[0]["error"]
     assert {line["step"] for line in lines if not line.get("failed")} == {2}
