@@ -174,7 +174,7 @@ class SpectrumLogger(L.Callback):
             from lightning.fabric.utilities.logger import _add_prefix
 
             tagged = _add_prefix(scalars, getattr(logger, "_prefix", ""), logger.LOGGER_JOIN_CHAR)
-            _write_one_event(writer, _scalar_values(tagged), step)
+            _write_one_event(writer, step, scalars=tagged)
 
     def _write_histograms(self, experiment, step, names, projs, sigmas, per_module):
         by_proj = defaultdict(list)
@@ -187,16 +187,7 @@ class SpectrumLogger(L.Callback):
             histograms[f"spectra/by_proj/{proj}/sigma"] = np.concatenate(group)
         histograms["spectra/all/sigma"] = np.concatenate(sigmas)
         if _is_torch_writer(experiment):
-            from tensorboard.compat.proto.summary_pb2 import Summary
-            from torch.utils.tensorboard.summary import make_histogram
-
-            # The protos add_histogram writes (its default bins), in one event instead of one per tag, with the bins
-            # converted to an array once (np.histogram converts the ~1500-entry list on every call otherwise):
-            # ~20 ms instead of ~60 ms for SmolLM2's 210 modules on one CPU core.
-            bins = np.asarray(experiment.default_bins, dtype=np.float64)
-            values = [Summary.Value(tag=tag, histo=make_histogram(x.astype(np.float64), bins))
-                      for tag, x in histograms.items()]
-            _write_one_event(experiment, values, step)
+            _write_one_event(experiment, step, histograms=histograms)
         else:
             for tag, x in histograms.items():
                 experiment.add_histogram(tag, x, step)
@@ -245,21 +236,30 @@ def _one_event_writer(logger):
     return None
 
 
-def _scalar_values(scalars: dict[str, float]) -> list:
-    """Summary values of float scalars, as ``SummaryWriter.add_scalar`` makes them (``simple_value``)."""
+def _write_one_event(writer, step: int, scalars: dict[str, float] | None = None,
+                     histograms: dict[str, np.ndarray] | None = None) -> None:
+    """Write many scalars or histograms to a torch ``SummaryWriter`` as a single TensorBoard event at ``step``.
+
+    The values are the protos ``add_scalar`` (``simple_value``) and ``add_histogram`` (its default bins) make, and
+    TensorBoard and tbparse read every value of an event, so the data are the same as one call per tag, without the
+    per-event cost (a proto, a queue entry and a record each): per-module output on SmolLM2 (1680 scalars, 210
+    histograms) takes ~40 ms instead of ~135 ms on a CPU core. The values are added in place (``value.add``) rather
+    than built as a list of messages first: thousands of live Python messages trigger garbage collections, and a
+    full collection in a training process costs ~0.2 s.
+    """
     from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard.summary import make_histogram
 
-    return [Summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()]
-
-
-def _write_one_event(writer, values: list, step: int) -> None:
-    """Write many summary values (scalars, histograms) as a single TensorBoard event at ``step``.
-
-    TensorBoard and tbparse read every value of an event, so this is the same data as one ``add_scalar`` /
-    ``add_histogram`` call per tag, without the per-event cost (a proto, a queue entry and a record each)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    writer._get_file_writer().add_summary(Summary(value=values), step)  # recreates the file writer if closed
+    summary = Summary()
+    add = summary.value.add
+    for tag, value in (scalars or {}).items():
+        add(tag=tag, simple_value=float(value))
+    if histograms:
+        # as an array once: np.histogram converts the ~1500-entry list on every call otherwise (~3x the time)
+        bins = np.asarray(writer.default_bins, dtype=np.float64)
+        for tag, x in histograms.items():
+            add(tag=tag, histo=make_histogram(np.asarray(x, dtype=np.float64), bins))
+    writer._get_file_writer().add_summary(summary, step)  # recreates the file writer if closed
 
 
 def _to_host(groups, n_modules: int, wanted: list[str] | None):
