@@ -32,6 +32,13 @@ def eval_overlay(path: Path, init_args: dict) -> str:
     return str(path)
 
 
+def fit_with_eval(run_cli, overlay: str, steps: int, *extra: str, base: str = "configs/tiny.yaml"):
+    """``fit`` on ``base`` plus the eval ``overlay`` for ``steps`` optimizer steps, validating only at the last
+    step; ``extra`` CLI arguments come last, so they override."""
+    return run_cli("fit", "--config", base, "--config", overlay, "--trainer.max_steps", str(steps),
+                   "--trainer.val_check_interval", str(steps), *extra)
+
+
 def fake_vllm_env(tmp_path: Path) -> dict[str, str]:
     """Write a ``vllm.entrypoints.openai.api_server`` shim that runs :func:`tests.fake_openai.serve_as_vllm`;
     returns the environment (``PYTHONPATH``) under which the sidecar's launcher finds it."""

@@ -13,7 +13,7 @@ import yaml
 from callbacks.misalignment_eval import MisalignmentEval
 from em_lightning.evaluation import JudgeConfig, SidecarConfig
 from em_lightning.evaluation.runner import read_records
-from tests.eval_helpers import eval_overlay, fake_managed_sidecar, tb_scalars
+from tests.eval_helpers import eval_overlay, fake_managed_sidecar, fit_with_eval, tb_scalars
 from tests.fake_openai import FakeOpenAI, judge_answer
 
 MISALIGNED = judge_answer({"10": 1.0}, {"90": 1.0})
@@ -52,17 +52,7 @@ def _callback(cli) -> MisalignmentEval:
 def test_rate_logged_at_the_steps_of_the_adapters_and_samples_written(run_cli, tmp_path, question_file, mode):
     with FakeOpenAI(tokenizer="digits") as fake:
         fake.answers = [MISALIGNED, ALIGNED, ALIGNED]  # cycled: 1 in 3 answers misaligned
-        cli = run_cli(
-            "fit",
-            "--config",
-            "configs/tiny.yaml",
-            "--config",
-            _overlay(tmp_path, fake.url, question_file, mode=mode),
-            "--trainer.max_steps",
-            "5",
-            "--trainer.val_check_interval",
-            "5",
-        )
+        cli = fit_with_eval(run_cli, _overlay(tmp_path, fake.url, question_file, mode=mode), 5)
         loaded_at_end = set(fake.adapters)
         gen_models = [r["model"] for r in fake.chat_requests(judge=False)]
     run_dir = cli.trainer.log_dir
@@ -100,18 +90,9 @@ def test_no_eval_at_step_zero_under_gradient_accumulation(run_cli, tmp_path, que
     """With 2 micro-batches per step the first batch ends at global_step 0: that is no periodic eval."""
     with FakeOpenAI(tokenizer="whole") as fake:
         fake.answers = [ALIGNED]
-        cli = run_cli(
-            "fit",
-            "--config",
-            "configs/tiny.yaml",
-            "--config",
-            _overlay(tmp_path, fake.url, question_file, mode="blocking"),
-            "--trainer.max_steps",
-            "4",
-            "--trainer.accumulate_grad_batches",
-            "2",
-            "--trainer.val_check_interval",
-            "8",
+        overlay = _overlay(tmp_path, fake.url, question_file, mode="blocking")
+        cli = fit_with_eval(
+            run_cli, overlay, 4, "--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", "8"
         )
     assert cli.trainer.global_step == 4
     assert sorted(tb_scalars(cli.trainer.log_dir)["eval/misalignment_rate"]) == [2, 4]
@@ -124,17 +105,7 @@ def test_garbage_from_the_sidecar_fails_the_eval_not_the_training(run_cli, tmp_p
         fake.answers = [ALIGNED]
         fake.garbage = True
         with pytest.warns(UserWarning, match="eval at step 2 failed"):
-            cli = run_cli(
-                "fit",
-                "--config",
-                "configs/tiny.yaml",
-                "--config",
-                _overlay(tmp_path, fake.url, question_file, mode="blocking"),
-                "--trainer.max_steps",
-                "3",
-                "--trainer.val_check_interval",
-                "3",
-            )
+            cli = fit_with_eval(run_cli, _overlay(tmp_path, fake.url, question_file, mode="blocking"), 3)
     run_dir = cli.trainer.log_dir
     assert cli.trainer.state.finished and cli.trainer.global_step == 3
     scalars = tb_scalars(run_dir)
@@ -163,17 +134,7 @@ def test_hanging_judge_times_out_and_its_late_answers_are_never_written(run_cli,
             sidecar={"url": fake.url, "request_timeout_s": 30, "max_retries": 0},
         )
         with pytest.warns(UserWarning, match="TimeoutError"):
-            cli = run_cli(
-                "fit",
-                "--config",
-                "configs/tiny.yaml",
-                "--config",
-                overlay,
-                "--trainer.max_steps",
-                "2",
-                "--trainer.val_check_interval",
-                "2",
-            )
+            cli = fit_with_eval(run_cli, overlay, 2)
         n_judged = len(fake.chat_requests(judge=True))
     assert cli.trainer.state.finished
     assert n_judged == 2 * 2 * 2  # the judge was asked about every answer before the timeout
@@ -189,18 +150,7 @@ def test_dead_managed_sidecar_is_restarted_for_the_next_eval(run_cli, tmp_path, 
     sidecar = fake_managed_sidecar(tmp_path, answers=[MISALIGNED, ALIGNED])
     overlay = _overlay(tmp_path, None, question_file, mode="blocking", max_restarts=1, sidecar=sidecar)
     with pytest.warns(UserWarning, match="restart 1/1"):
-        cli = run_cli(
-            "fit",
-            "--config",
-            "configs/tiny.yaml",
-            "--config",
-            overlay,
-            "--trainer.max_steps",
-            "4",
-            "--trainer.val_check_interval",
-            "4",
-            "--trainer.callbacks+=tests.eval_helpers.KillSidecarAt",
-        )
+        cli = fit_with_eval(run_cli, overlay, 4, "--trainer.callbacks+=tests.eval_helpers.KillSidecarAt")
     killer = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "KillSidecarAt")
     scalars = tb_scalars(cli.trainer.log_dir)
     assert scalars["eval/failed"] == {2: 0.0, 4: 0.0}
@@ -235,7 +185,7 @@ def test_tiny_model_without_served_dir_fails_before_training(run_cli, tmp_path, 
     """Managed sidecar + a model vLLM cannot serve: setup raises naming the config key; nothing is trained."""
     overlay = _overlay(tmp_path, None, question_file, sidecar={"python": "/nonexistent/python"})
     with pytest.raises(ValueError, match="sidecar.model"):
-        run_cli("fit", "--config", "configs/tiny.yaml", "--config", overlay, "--trainer.max_steps", "2")
+        fit_with_eval(run_cli, overlay, 2)
 
 
 def test_sidecar_that_cannot_start_raises_with_its_log(tmp_path):

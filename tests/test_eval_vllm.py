@@ -19,7 +19,7 @@ from em_lightning.evaluation import SidecarConfig, VLLMSidecar
 from em_lightning.evaluation.runner import read_records
 from em_lightning.evaluation.sidecar import default_vllm_python
 from scripts.bench_eval import random_adapters
-from tests.eval_helpers import KillSidecarAt, eval_overlay, tb_scalars
+from tests.eval_helpers import KillSidecarAt, eval_overlay, fit_with_eval, tb_scalars
 
 VLLM_PYTHON = default_vllm_python()
 
@@ -164,9 +164,7 @@ SHORT = [
 def test_short_fit_logs_the_rate_and_writes_samples(run_cli, server, tmp_path, questions_file):
     """Async mode, attached to the module's server: the rate reaches TensorBoard at steps 2 and 3 (end)."""
     overlay = _overlay(tmp_path, questions_file, mode="async", sidecar={"url": server.url})
-    cli = run_cli(
-        "fit", "--config", "configs/quickstart.yaml", "--config", overlay, "--trainer.max_steps", "3", *SHORT
-    )
+    cli = fit_with_eval(run_cli, overlay, 3, *SHORT, base="configs/quickstart.yaml")
     callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, MisalignmentEval))
     assert cli.trainer.state.finished
     scalars = tb_scalars(cli.trainer.log_dir)
@@ -237,16 +235,9 @@ def test_killing_the_sidecar_mid_run_records_the_failure_and_training_finishes(
         },
     )
     with pytest.warns(UserWarning, match="eval at step 4 failed"):
-        cli = run_cli(
-            "fit",
-            "--config",
-            "configs/quickstart.yaml",
-            "--config",
-            overlay,
-            "--trainer.max_steps",
-            "4",
-            "--trainer.callbacks+=tests.eval_helpers.KillSidecarAt",
-            *SHORT,
+        cli = fit_with_eval(
+            run_cli, overlay, 4, "--trainer.callbacks+=tests.eval_helpers.KillSidecarAt", *SHORT,
+            base="configs/quickstart.yaml",
         )
     killer = next(cb for cb in cli.trainer.callbacks if isinstance(cb, KillSidecarAt))
     assert cli.trainer.state.finished and cli.trainer.global_step == 4
