@@ -136,9 +136,10 @@ class LoRAFineTune(L.LightningModule):
         total = loss
         for term in self._loss_terms.values():
             total = total + term(self)
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(n_tokens))
+        n = int(n_tokens)  # one host sync per step, not one per logged value
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
         if self._loss_terms:
-            self.log("train/loss_total", total, batch_size=int(n_tokens))
+            self.log("train/loss_total", total, batch_size=n)
         return total
 
     def validation_step(self, batch, batch_idx):
