@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from callbacks.adapter_export import AdapterExport
-from callbacks.training_monitor import TrainingMonitor
+from em_lightning.callbacks.adapter_export import AdapterExport
+from em_lightning.callbacks.training_monitor import TrainingMonitor
 from em_lightning.data import ChatDataModule
 from em_lightning.module import LoRAFineTune
 
