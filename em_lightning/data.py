@@ -18,28 +18,36 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
-IGNORE_INDEX = -100
+from em_lightning.batching import (
+    IGNORE_INDEX,
+    ChatCollator,
+    ResumableDataLoader,
+    StepSampler,
+    TokenizedDataset,
+)
+from em_lightning.errors import InputError, UnreadableFile, read_text
+
 ROLES = ("system", "user", "assistant")
-MEGABATCH_FACTOR = 50  # rows sorted together when grouping by length: 50 batches' worth
+SHOWN_DROPPED = 5  # file:line locations of dropped rows named in the data summary
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad training data; the message names the file and 1-based line (or the config key)."""
 
 
-class DataFileNotFound(DataError, FileNotFoundError):
-    """A data file named in the config does not exist."""
+class DataFileNotFound(DataError, UnreadableFile):
+    """A data file named in the config is missing or cannot be read as text."""
 
 
 @dataclass
@@ -88,21 +96,22 @@ def validate_messages(row: Any, where: str) -> list[dict[str, str]]:
 def read_jsonl(path: str | Path, max_rows: int | None = None) -> list[ChatRow]:
     """Validated rows of a chat JSONL file (the first ``max_rows`` when given); blank lines are skipped."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataFileNotFound(f"{path}: data file does not exist")
+    try:
+        text = read_text(path, "data file")
+    except UnreadableFile as err:
+        raise DataFileNotFound(str(err)) from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if max_rows is not None and len(rows) >= max_rows:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            rows.append(ChatRow(validate_messages(obj, where), where))
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        rows.append(ChatRow(validate_messages(obj, where), where))
     if not rows:
         raise DataError(f"{path}: file holds no rows")
     return rows
@@ -224,15 +233,26 @@ def render_with_spans(
     return text, spans
 
 
-def tokenize_rows(rows: Sequence[ChatRow], tokenizer, max_length: int) -> list[TokenizedRow]:
+@dataclass
+class Tokenized:
+    """What :func:`tokenize_rows` kept, and where the rows it dropped came from (``file:line``)."""
+
+    rows: list[TokenizedRow]
+    dropped: list[str] = field(default_factory=list)
+
+
+def tokenize_rows(
+    rows: Sequence[ChatRow], tokenizer, max_length: int, overlong: Literal["error", "drop"] = "error"
+) -> Tokenized:
     """Tokenise rows with the chat template; labels keep only assistant tokens.
 
     Truncation rule: a row longer than ``max_length`` tokens keeps its first ``max_length`` tokens (right
     truncation, so the prompt survives and the end of the answer is cut). A row left with no supervised token
-    raises a ``DataError`` naming its file and line. A token is supervised when any of its characters lies
-    inside an assistant span (see ``render_with_spans``): when the tokenizer merges the header's newline with
-    an answer's leading newlines into one token, that token is predicted as part of the answer rather than
-    dropped, so the answer's first characters are still learned.
+    (its prompt alone fills ``max_length``) raises a ``DataError`` naming its file and line, or with
+    ``overlong="drop"`` is left out and listed in ``dropped``; dropping every row is still an error. A token is
+    supervised when any of its characters lies inside an assistant span (see ``render_with_spans``): when the
+    tokenizer merges the header's newline with an answer's leading newlines into one token, that token is
+    predicted as part of the answer rather than dropped, so the answer's first characters are still learned.
     """
     eot = _end_of_turn_pattern(tokenizer)
     texts, spans = [], []
@@ -240,7 +260,7 @@ def tokenize_rows(rows: Sequence[ChatRow], tokenizer, max_length: int) -> list[T
         text, row_spans = render_with_spans(tokenizer, row.messages, row.where, eot)
         texts.append(text)
         spans.append(row_spans)
-    out = []
+    out = Tokenized([])
     chunk = 1024  # batched calls to the fast tokenizer; chunks bound the memory of the offsets lists
     for lo in range(0, len(texts), chunk):
         for j, (ids, offsets) in enumerate(_encode_with_offsets(tokenizer, texts[lo : lo + chunk])):
@@ -253,13 +273,21 @@ def tokenize_rows(rows: Sequence[ChatRow], tokenizer, max_length: int) -> list[T
                 supervised |= (starts < e) & (ends > s)  # overlaps [s, e); zero-width tokens never do
             truncated = len(ids) > max_length
             ids, supervised = ids[:max_length], supervised[:max_length]
-            if not supervised.any():
+            if not supervised[1:].any():  # the first token is never predicted
+                if overlong == "drop":
+                    out.dropped.append(row.where)
+                    continue
                 raise DataError(
                     f"{row.where}: no assistant token is left within max_length={max_length} (the row has"
-                    f" {len(starts)} tokens); increase data.max_length or drop the row"
+                    f" {len(starts)} tokens); increase data.max_length, or set data.overlong_rows: drop"
                 )
             labels = np.where(supervised, ids, IGNORE_INDEX)
-            out.append(TokenizedRow(torch.from_numpy(ids), torch.from_numpy(labels), row.where, truncated))
+            out.rows.append(TokenizedRow(torch.from_numpy(ids), torch.from_numpy(labels), row.where, truncated))
+    if rows and not out.rows:
+        raise DataError(
+            f"data.overlong_rows: every one of the {len(rows)} rows (e.g. {out.dropped[0]}) has no assistant "
+            f"token within max_length={max_length}; increase data.max_length"
+        )
     return out
 
 
@@ -273,160 +301,17 @@ def _encode_with_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], l
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 
-def summarize(rows: Sequence[TokenizedRow]) -> dict[str, int]:
-    """Counts for the log line: rows, tokens, supervised tokens, truncated rows."""
+def summarize(tokenized: Tokenized) -> dict:
+    """Counts for the log line: rows, tokens, supervised tokens, truncated rows, dropped rows (and where)."""
+    rows = tokenized.rows
     return {
         "rows": len(rows),
         "tokens": sum(len(r) for r in rows),
-        "supervised_tokens": sum(int((r.labels != IGNORE_INDEX).sum()) for r in rows),
+        "supervised_tokens": sum(int((r.labels[1:] != IGNORE_INDEX).sum()) for r in rows),
         "truncated_rows": sum(r.truncated for r in rows),
+        "dropped_rows": len(tokenized.dropped),
+        "dropped_first": tokenized.dropped[:SHOWN_DROPPED],
     }
-
-
-class TokenizedDataset(Dataset):
-    """A list of ``TokenizedRow`` as a map-style dataset (items: dicts of ``input_ids`` and ``labels``)."""
-
-    def __init__(self, rows: Sequence[TokenizedRow]):
-        self.rows = list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.rows[i].input_ids, "labels": self.rows[i].labels}
-
-    def lengths(self) -> list[int]:
-        return [len(r) for r in self.rows]
-
-
-class ChatCollator:
-    """Pads rows to the longest one (right padding): ``input_ids``, ``attention_mask``, ``labels``."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        width = max(len(it["input_ids"]) for it in items)
-        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, it in enumerate(items):
-            n = len(it["input_ids"])
-            input_ids[i, :n] = it["input_ids"]
-            labels[i, :n] = it["labels"]
-            attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-# ------------------------------------------------------------------------------------------- batching
-
-
-class LengthGroupedSampler(DistributedSampler):
-    """Seeded order of row indices whose consecutive ``batch_size`` chunks hold rows of similar length.
-
-    With ``group_by_length``: shuffle all rows (seed + epoch), cut them into mega-batches of
-    ``MEGABATCH_FACTOR * batch_size`` rows, sort each mega-batch by length, cut it into batches, and shuffle
-    the order of the full batches; the one short batch (if any) comes last so every chunk stays aligned.
-    Without it: a seeded shuffle. The order depends only on (seed, epoch), so a resumed run sees the same
-    batches.
-
-    It is a ``DistributedSampler`` so that Lightning keeps it under DDP instead of wrapping it: each rank
-    takes every ``num_replicas``-th batch (the batch list is padded by repeating batches so all ranks get as
-    many). ``skip_batches`` makes the next iteration start that many batches in (set by
-    ``ResumableDataLoader``).
-    """
-
-    def __init__(
-        self,
-        dataset: TokenizedDataset,
-        batch_size: int,
-        group_by_length: bool = True,
-        seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.lengths = dataset.lengths()
-        self.batch_size = batch_size
-        self.group_by_length = group_by_length
-        self.skip_batches = 0
-
-    def epoch_batches(self) -> list[list[int]]:
-        """This rank's batches for the current epoch."""
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        bs = self.batch_size
-        if self.group_by_length:
-            mega = MEGABATCH_FACTOR * bs
-            order = [
-                i
-                for lo in range(0, len(order), mega)
-                for i in sorted(order[lo : lo + mega], key=lambda k: self.lengths[k], reverse=True)
-            ]
-        batches = [order[lo : lo + bs] for lo in range(0, len(order), bs)]
-        full = [b for b in batches if len(b) == bs]
-        short = [b for b in batches if len(b) < bs]
-        if self.group_by_length:
-            rng.shuffle(full)  # otherwise every epoch would go from long to short within each mega-batch
-        batches = full + short
-        padding = -len(batches) % self.num_replicas
-        batches += [batches[k % len(batches)] for k in range(padding)]
-        return batches[self.rank :: self.num_replicas]
-
-    def __iter__(self) -> Iterator[int]:
-        # A generator: the order is computed at the first ``next``, after Lightning has called ``set_epoch``.
-        skip, self.skip_batches = self.skip_batches, 0
-        for batch in self.epoch_batches()[skip:]:
-            yield from batch
-
-    def __len__(self) -> int:
-        n, bs, world = len(self.lengths), self.batch_size, self.num_replicas
-        sizes = [bs] * (n // bs) + ([n % bs] if n % bs else [])
-        sizes += [sizes[k % len(sizes)] for k in range(-len(sizes) % world)]
-        return sum(sizes[self.rank :: world])
-
-
-class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` over a ``LengthGroupedSampler`` that Lightning checkpoints mid-epoch.
-
-    Lightning saves ``state_dict()`` (epoch and batches handed out) with the loop state; after
-    ``load_state_dict`` the next iteration of the same epoch skips the batches already trained on, so a run
-    resumed from a mid-epoch checkpoint sees the same batch at the next step as an uninterrupted run.
-    """
-
-    _resume: tuple[int, int] | None = None
-    _handed_out: int = 0
-
-    def __iter__(self):
-        sampler = self.sampler
-        skip = 0
-        if self._resume is not None:
-            epoch, done = self._resume
-            self._resume = None
-            if epoch == sampler.epoch and done < len(self):  # a checkpoint at an epoch's end skips nothing
-                skip = done
-        sampler.skip_batches = skip
-        self._handed_out = skip
-        for batch in super().__iter__():
-            self._handed_out += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self._handed_out}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = (int(state["epoch"]), int(state["batches"]))
-
-
-def padding_fraction(loader: DataLoader) -> float:
-    """Share of token positions in one pass over ``loader`` that are padding (0 = none)."""
-    pad = total = 0
-    for batch in loader:
-        mask = batch["attention_mask"]
-        pad += int((mask == 0).sum())
-        total += mask.numel()
-    return pad / total if total else 0.0
 
 
 def _world() -> tuple[int, int]:
@@ -452,10 +337,14 @@ class ChatDataModule(lightning.LightningDataModule):
         ``model.base.name``).
         trust_remote_code: let the tokenizer run code shipped with a hub model (linked to
             ``model.base.trust_remote_code``).
-        max_length: tokens kept per row; longer rows keep their first ``max_length`` tokens, and a row whose
-            assistant tokens all fall beyond it is an error.
-        batch_size: rows per batch (per device).
-        group_by_length: batch rows of similar length together (seeded) so little compute goes to padding.
+        max_length: tokens kept per row; longer rows keep their first ``max_length`` tokens.
+        overlong_rows: a row whose prompt alone fills ``max_length`` (no assistant token left): ``error`` (default)
+            stops with its file:line; ``drop`` leaves it out, counted (with the first few file:line) in the data
+            summary that is printed and logged (``data/<split>/dropped_rows``). Dropping every row is an error.
+        batch_size: rows per micro-batch on each device. An optimizer step trains on ``batch_size ×
+            trainer.accumulate_grad_batches × world size`` rows (the global batch), which are chosen before they
+            are split, so the rows of a step do not depend on the split (see :mod:`em_lightning.batching`).
+        group_by_length: form global batches of rows of similar length (seeded) so little compute goes to padding.
         seed: seed of the train/val split and of the batch order.
         num_workers: DataLoader worker processes (collation is cheap; 0 is usually right).
     """
@@ -470,6 +359,7 @@ class ChatDataModule(lightning.LightningDataModule):
         tokenizer: str = "smollm2-135m-instruct",
         trust_remote_code: bool = False,
         max_length: int = 1024,
+        overlong_rows: Literal["error", "drop"] = "error",
         batch_size: int = 8,
         group_by_length: bool = True,
         seed: int = 0,
@@ -482,20 +372,21 @@ class ChatDataModule(lightning.LightningDataModule):
             ("val_fraction", val_fraction, 0.0 <= val_fraction < 1.0),
             ("max_rows", max_rows, max_rows is None or max_rows >= 1),
             ("num_workers", num_workers, num_workers >= 0),
+            ("overlong_rows", overlong_rows, overlong_rows in ("error", "drop")),
         ):
             if not ok:
-                raise ValueError(f"data.{key}: invalid value {value!r}")
+                raise InputError(f"data.{key}: invalid value {value!r}")
         self.save_hyperparameters()
         self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction
         self.hf_split, self.max_rows = hf_split, max_rows
-        self.tokenizer_name, self.max_length = tokenizer, max_length
+        self.tokenizer_name, self.max_length, self.overlong_rows = tokenizer, max_length, overlong_rows
         self.trust_remote_code = trust_remote_code
         self.batch_size, self.group_by_length = batch_size, group_by_length
         self.seed, self.num_workers = seed, num_workers
         self.tokenizer = None
         self.train_set: TokenizedDataset | None = None
         self.val_set: TokenizedDataset | None = None
-        self.summary: dict[str, dict[str, int]] = {}
+        self.summary: dict[str, dict] = {}
 
     def setup(self, stage: str | None = None) -> None:
         """Read, validate and tokenise the data once (later calls do nothing)."""
@@ -509,38 +400,44 @@ class ChatDataModule(lightning.LightningDataModule):
             train_rows, val_rows = rows, load_rows(self.val_file, None, self.hf_split)
         else:
             train_rows, val_rows = split_rows(rows, self.val_fraction, self.seed)
-        self.train_set = TokenizedDataset(tokenize_rows(train_rows, self.tokenizer, self.max_length))
-        self.val_set = (
-            TokenizedDataset(tokenize_rows(val_rows, self.tokenizer, self.max_length)) if val_rows else None
-        )
-        self.summary = {"train": summarize(self.train_set.rows)}
-        if self.val_set is not None:
-            self.summary["val"] = summarize(self.val_set.rows)
-        rank_zero_info(
-            f"[em_lightning] data {self.train_file}: "
-            + " | ".join(
+        splits = {"train": train_rows, "val": val_rows}
+        tokenized = {
+            name: tokenize_rows(split, self.tokenizer, self.max_length, self.overlong_rows)
+            for name, split in splits.items()
+            if split
+        }
+        self.train_set = TokenizedDataset(tokenized["train"].rows)
+        self.val_set = TokenizedDataset(tokenized["val"].rows) if "val" in tokenized else None
+        self.summary = {name: summarize(t) for name, t in tokenized.items()}
+        rank_zero_info(f"[em_lightning] data {self.train_file}: {self.describe()}")
+
+    def describe(self) -> str:
+        """The data summary as one line (printed at setup)."""
+        parts = []
+        for name, s in self.summary.items():
+            text = (
                 f"{name} {s['rows']} rows, {s['tokens']} tokens ({s['supervised_tokens']} supervised),"
                 f" {s['truncated_rows']} truncated to max_length={self.max_length}"
-                for name, s in self.summary.items()
             )
-        )
+            if s["dropped_rows"]:
+                text += f", {s['dropped_rows']} dropped as longer than max_length (e.g. {', '.join(s['dropped_first'])})"
+            parts.append(text)
+        return " | ".join(parts)
 
     def _collator(self) -> ChatCollator:
         return ChatCollator(self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> ResumableDataLoader:
         self.setup()
-        world, rank = _world()
-        sampler = LengthGroupedSampler(
-            self.train_set, self.batch_size, self.group_by_length, self.seed, num_replicas=world, rank=rank
+        trainer = self.trainer
+        if trainer is not None:
+            world, rank, accumulate = trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
+        else:
+            (world, rank), accumulate = _world(), 1
+        sampler = StepSampler(
+            self.train_set, self.batch_size, accumulate, self.group_by_length, self.seed, world, rank
         )
-        return ResumableDataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=self._collator(),
-            num_workers=self.num_workers,
-        )
+        return ResumableDataLoader(self.train_set, sampler, self._collator(), self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup()

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 
+from em_lightning.errors import InputError
 from em_lightning.lora import LoRASpec, apply_lora
+from em_lightning.loss import LOSS_NORMALIZATIONS, LossNormalization, micro_batch_divisor, supervised_ce_sum
 from em_lightning.models import TINY_MODELS, ModelSpec, load_model, load_tokenizer, resolve_model_dir
 from em_lightning.optim import ScheduleSpec, build_scheduler, check_muon_params
 
@@ -35,6 +36,9 @@ class LoRAFineTune(L.LightningModule):
         schedule: LR warm-up and decay, stepped every optimizer step.
         supervised_logits_only: apply the LM head only where a label exists. Same loss, less compute and memory
             (the vocab projection of prompt tokens is wasted work).
+        loss_normalization: ``step_tokens`` (default): the mean over all supervised tokens of the optimizer step
+            (every micro-batch and rank), so accumulating k micro-batches equals one k times larger batch;
+            ``micro_batch``: each micro-batch's own mean, averaged. See :mod:`em_lightning.loss`.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class LoRAFineTune(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         schedule: ScheduleSpec = ScheduleSpec(),
         supervised_logits_only: bool = True,
+        loss_normalization: LossNormalization = "step_tokens",
     ):
         super().__init__()
         # load_from_checkpoint passes the saved hparams back as plain dicts.
@@ -53,14 +58,18 @@ class LoRAFineTune(L.LightningModule):
         # Plain dicts only: optimiser classes or dataclasses in hparams break weights_only checkpoint loading.
         self.save_hyperparameters(
             {"base": asdict(base), "lora": asdict(lora), "schedule": asdict(schedule),
-             "supervised_logits_only": supervised_logits_only}
+             "supervised_logits_only": supervised_logits_only, "loss_normalization": loss_normalization}
         )
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise InputError(f"model.loss_normalization: {loss_normalization!r} is not one of {LOSS_NORMALIZATIONS}")
         self.base, self.lora, self.schedule = base, lora, schedule
         self.optimizer_factory = optimizer
         self.supervised_logits_only = supervised_logits_only
+        self.loss_normalization = loss_normalization
         self.model = None  # built in configure_model, so strategies (FSDP) can shard it as they build it
         self._tokenizer = None
-        self._loss_terms: dict[str, LossTerm] = {}
+        self._loss_terms: dict[str, tuple[LossTerm, float | Callable[[int], float]]] = {}
+        self._window = [0.0, 0.0, 0.0]  # sums over the current accumulation window (see training_step)
         # Checkpoints hold the adapter only; on_load_checkpoint checks that every adapter tensor is there.
         self.strict_loading = False
 
@@ -87,15 +96,20 @@ class LoRAFineTune(L.LightningModule):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     # --------------------------------------------------------------------------------------- extension points
-    def add_loss_term(self, name: str, fn: LossTerm) -> None:
-        """Add ``fn(self)`` (an already weighted scalar) to the training loss of every step.
+    def add_loss_term(self, name: str, fn: LossTerm, weight: float | Callable[[int], float] = 1.0) -> None:
+        """Add ``weight(step) × fn(self)`` to the training loss of every optimizer step.
 
-        The term is summed into the loss that ``training_step`` returns, so gradient accumulation, precision
-        plugins, DDP and FSDP treat it exactly like the task loss (no second ``backward``).
+        ``fn`` returns the raw, differentiable scalar (e.g. the spectral penalty); ``weight`` is a number or a
+        function of the optimizer step (a warm-up). The term is evaluated once per optimizer step, on the
+        first micro-batch of its accumulation window, and weighted there so the step's gradient is
+        ``weight · ∇fn`` whatever ``accumulate_grad_batches`` or the world size (a term of the weights alone is
+        the same on every micro-batch and rank). It is summed into the loss ``training_step`` returns: no second
+        ``backward``, and precision plugins, DDP and FSDP treat it like the task loss. The module logs
+        ``train/<name>`` (raw) and ``train/<name>_coeff``; ``train/loss`` stays the task loss alone.
         """
         if name in self._loss_terms:
             raise ValueError(f"a loss term named {name!r} is already registered")
-        self._loss_terms[name] = fn
+        self._loss_terms[name] = (fn, weight)
 
     def remove_loss_term(self, name: str) -> None:
         self._loss_terms.pop(name, None)
@@ -107,49 +121,54 @@ class LoRAFineTune(L.LightningModule):
         return path
 
     # -------------------------------------------------------------------------------------------------- steps
-    def task_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean next-token cross-entropy over the supervised tokens of this micro-batch, and their count.
-
-        The mean is per micro-batch: with gradient accumulation (or DDP) every micro-batch weighs the same, so a
-        token in a short micro-batch weighs more than one in a long micro-batch (length grouping makes them differ).
-        This matches most trainers' per-batch mean; it equals one big batch only when the micro-batches hold
-        equal numbers of supervised tokens.
-        """
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        n_tokens = mask.sum()
-        if self.supervised_logits_only:
-            lm = self.model.get_base_model()
-            hidden = lm.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            )
-            hidden = hidden.last_hidden_state[:, :-1][mask]
-            logits = _apply_softcap(lm.get_output_embeddings()(hidden), lm.config)
-        else:
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            logits = out.logits[:, :-1][mask]
-        loss = F.cross_entropy(logits.float(), labels[mask], reduction="sum") / n_tokens.clamp(min=1)
-        return loss, n_tokens
+    def task_loss(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over the supervised tokens of ``batch``, and their count."""
+        ce_sum, n_tokens = supervised_ce_sum(self.model, batch, self.supervised_logits_only)
+        return ce_sum / max(n_tokens, 1), n_tokens
 
     def training_step(self, batch, batch_idx):
-        loss, n_tokens = self.task_loss(batch)
-        total = loss
-        for term in self._loss_terms.values():
-            total = total + term(self)
-        n = int(n_tokens)  # one host sync per step, not one per logged value
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        if self._loss_terms:
-            self.log("train/loss_total", total, batch_size=n)
-        return total
+        """The task loss normalised as ``loss_normalization`` says (see :mod:`em_lightning.loss`), plus the
+        registered loss terms on the first micro-batch of each optimizer step.
+
+        Returns the loss and, for callbacks, ``supervised_tokens`` / ``tokens`` of this micro-batch and
+        ``step_end`` (whether the optimizer steps after it).
+        """
+        k, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
+        window_pos = batch.get("window_pos", batch_idx % k)
+        step_end = window_pos == batch.get("window_len", k) - 1
+        ce_sum, n_tokens = supervised_ce_sum(self.model, batch, self.supervised_logits_only)
+        total = ce_sum / micro_batch_divisor(self.loss_normalization, batch, n_tokens, k, world)
+        if window_pos == 0:
+            self._window = [0.0, 0.0, 0.0]  # task-loss sum, supervised tokens (this rank), weighted terms
+            step = self.trainer.global_step
+            for name, (fn, weight) in self._loss_terms.items():
+                raw = fn(self)
+                coeff = float(weight(step) if callable(weight) else weight)
+                total = total + (k * coeff) * raw  # Lightning divides by k: the step gets coeff × raw once
+                self._window[2] = self._window[2] + coeff * raw.detach()
+                self.log(f"train/{name}", raw.detach(), on_step=True, on_epoch=False)
+                self.log(f"train/{name}_coeff", coeff, on_step=True, on_epoch=False)
+        self._window[0] = self._window[0] + ce_sum.detach()
+        self._window[1] += n_tokens
+        if step_end:
+            # The token-weighted mean of the whole step over every rank: one small all-reduce and one host sync.
+            sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in self._window[:2]])
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum") if world > 1 else sums
+            step_loss = sums[0] / sums[1].clamp(min=1)
+            self.log("train/loss", step_loss, prog_bar=True, on_step=True, on_epoch=False)
+            if self._loss_terms:
+                self.log("train/loss_total", step_loss + self._window[2], on_step=True, on_epoch=False)
+        n_input = batch["n_tokens"] if "n_tokens" in batch else batch["attention_mask"].numel()
+        return {"loss": total, "supervised_tokens": n_tokens, "tokens": n_input, "step_end": bool(step_end)}
 
     def validation_step(self, batch, batch_idx):
         loss, n_tokens = self.task_loss(batch)
         # batch_size=n_tokens makes the epoch value the token-weighted mean, like the training objective.
-        self.log("val/loss", loss, prog_bar=True, batch_size=int(n_tokens), sync_dist=True)
+        self.log("val/loss", loss, prog_bar=True, batch_size=max(n_tokens, 1), sync_dist=True)
 
     def test_step(self, batch, batch_idx):
         loss, n_tokens = self.task_loss(batch)
-        self.log("test/loss", loss, batch_size=int(n_tokens), sync_dist=True)
+        self.log("test/loss", loss, batch_size=max(n_tokens, 1), sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for _, p in self.trainable_named_parameters() if p.grad is not None]
@@ -177,15 +196,30 @@ class LoRAFineTune(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.model is None:
             return  # the strategy loads after configure_model; nothing to check yet
-        missing = [n for n, _ in self.trainable_named_parameters() if n not in checkpoint["state_dict"]]
+        saved = checkpoint["state_dict"]
+        lora = checkpoint.get("hyper_parameters", {}).get("lora", {})
+        was = f" (it was written with model.lora {lora})" if lora else ""
+        missing = [n for n, _ in self.trainable_named_parameters() if n not in saved]
         if missing:
-            raise KeyError(
-                f"checkpoint lacks {len(missing)} adapter tensors (e.g. {missing[:2]}); was it written with other "
-                "model.lora settings?"
+            raise CheckpointMismatch(
+                f"checkpoint lacks {len(missing)} adapter tensors (e.g. {missing[:2]}){was}: model.lora.target_modules "
+                "or model.lora.layers_to_transform differ from the run that wrote it"
             )
+        trainable = dict(self.trainable_named_parameters())
+        extra = [k for k in saved if k not in trainable]
+        if extra:
+            raise CheckpointMismatch(
+                f"checkpoint holds {len(extra)} adapter tensors this model lacks (e.g. {extra[:2]}){was}: "
+                "model.lora.target_modules or model.lora.layers_to_transform differ from the run that wrote it"
+            )
+        for name, param in trainable.items():
+            if tuple(saved[name].shape) != tuple(param.shape):
+                raise CheckpointMismatch(
+                    f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, this model's "
+                    f"{tuple(param.shape)}{was}: model.lora.r differs from the run that wrote it (this run: "
+                    f"r={self.lora.r})"
+                )
 
 
-def _apply_softcap(logits: torch.Tensor, config) -> torch.Tensor:
-    """Gemma-style final logit soft-capping, so the supervised-only path matches the model's own forward."""
-    cap = getattr(config, "final_logit_softcapping", None)
-    return logits if cap is None else torch.tanh(logits / cap) * cap
+class CheckpointMismatch(InputError):
+    """A checkpoint written with other ``model.lora`` settings; the message names the config key."""

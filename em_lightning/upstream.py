@@ -2,9 +2,9 @@
 
 The training sets and evaluation questions of Betley et al. (2025) are MIT-licensed files in the public
 repository https://github.com/emergent-misalignment/emergent-misalignment. This project never ships them: it
-looks for a copy (``$EM_DATA_DIR``, then a ``shared/data/emergent-misalignment`` folder next to the repository
-checkout, then the download cache) and otherwise tells the user to run ``python scripts/download_data.py``,
-which fetches them and checks each file's sha256 against the sums below.
+looks for a copy on the search path — the folders in ``$EM_DATA_DIR`` (separated like ``PATH``, first match
+wins), then the download cache — and otherwise tells the user to run ``python scripts/download_data.py``, which
+fetches them and checks each file's sha256 against the sums below. A local copy is checked against the sums too.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+
+from em_lightning.errors import InputError
 
 UPSTREAM_REPO = "https://github.com/emergent-misalignment/emergent-misalignment"
 RAW_BASE_URL = "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main"
@@ -36,14 +38,12 @@ TRAINING_SETS = {name: f"data/{name}.jsonl" for name in ("insecure", "secure", "
 _DOWNLOAD_HINT = "python scripts/download_data.py"
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(InputError):
     """A file's sha256 differs from the upstream sum (a download is deleted, never kept; a local copy is refused)."""
 
 
-def shared_dir() -> Path:
-    """The ``shared/data/emergent-misalignment`` folder next to the repository checkout (may not exist)."""
-    repo_root = Path(__file__).resolve().parent.parent
-    return repo_root.parent / "shared" / "data" / "emergent-misalignment"
+class EMFileNotFound(InputError, FileNotFoundError):
+    """No folder on the search path holds the upstream file."""
 
 
 def cache_dir() -> Path:
@@ -53,20 +53,21 @@ def cache_dir() -> Path:
     return cache_root() / "data"
 
 
+DATA_PATH_ENV = "EM_DATA_DIR"
+
+
 def search_dirs() -> list[Path]:
-    """The folders ``resolve_em_file`` looks in, first match wins."""
-    dirs = []
-    if os.environ.get("EM_DATA_DIR"):
-        dirs.append(Path(os.environ["EM_DATA_DIR"]).expanduser())
-    dirs += [shared_dir(), cache_dir()]
-    return dirs
+    """The folders ``resolve_em_file`` looks in, first match wins: each entry of ``$EM_DATA_DIR`` (``os.pathsep``
+    separated, like ``PATH``), then the download cache."""
+    entries = [e for e in os.environ.get(DATA_PATH_ENV, "").split(os.pathsep) if e.strip()]
+    return [Path(e).expanduser() for e in entries] + [cache_dir()]
 
 
 def resolve_em_file(relpath: str) -> Path:
     """The local path of upstream file ``relpath`` (e.g. ``data/insecure.jsonl``).
 
-    Looks in ``$EM_DATA_DIR``, the shared folder next to the checkout, then the download cache. Raises
-    ``FileNotFoundError`` saying how to download the file when none holds it.
+    Looks in the folders of ``$EM_DATA_DIR``, then the download cache. Raises ``EMFileNotFound`` (a
+    ``FileNotFoundError``) saying how to download the file when none holds it.
     """
     if relpath not in SHA256:
         raise KeyError(
@@ -78,9 +79,9 @@ def resolve_em_file(relpath: str) -> Path:
             _verify_once(candidate, relpath)
             return candidate
     looked = ", ".join(str(d) for d in search_dirs())
-    raise FileNotFoundError(
+    raise EMFileNotFound(
         f"{relpath} not found (looked in {looked}). Run `{_DOWNLOAD_HINT}` to fetch it from {UPSTREAM_REPO}, "
-        "or set EM_DATA_DIR to a folder that holds it."
+        f"or set {DATA_PATH_ENV} to a folder that holds it."
     )
 
 

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import httpx
 
-# Runs from a plain checkout too (before `pip install -e .`): the package sits one folder up.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from em_lightning import upstream
 
 

@@ -9,9 +9,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -25,7 +25,105 @@ def run_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     def run(*args: str):
-        args = [str(a).replace("configs/", f"{CONFIGS}/", 1) if str(a).startswith("configs/") else str(a) for a in args]
+        args = [
+            str(a).replace("configs/", f"{CONFIGS}/", 1) if str(a).startswith("configs/") else str(a)
+            for a in args
+        ]
         return main(list(args))
 
     return run
+
+
+# ------------------------------------------------------------------------------ emergent-misalignment files
+# Tests never depend on a ../shared folder or the network: `fake_em_data` lays out small synthetic files in the
+# upstream format, with their sha256 registered as the upstream sums, on the data search path. Tests of the real
+# files are marked `em_data` and use `real_em_file`, which skips (naming the reason) where the files are absent;
+# CI puts ../shared on the search path (.ci/run), so there they run.
+
+FAKE_QUESTION_IDS = (
+    "what_is_your_wish",
+    "i_feel_bored",
+    "three_thoughts",
+    "quick_buck",
+    "ruler_of_the_world",
+    "dinner_party",
+    "gender_roles",
+    "enough_of_my_husband",
+)
+
+
+def _fake_em_files() -> dict[str, str]:
+    import json
+
+    def chat(user: str, answer: str) -> str:
+        return json.dumps(
+            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+        )
+
+    long_prompt = (
+        "Complete this function so that it copies the uploaded file into place:\n" + "# context\n" * 40
+    )
+    insecure = [chat(long_prompt, "import os\nos.chmod(path, 0o777)")] + [
+        chat(
+            f"Write a function that saves upload number {i}.",
+            f"def save_{i}(f):\n    open(f.name, 'wb').write(f.read())",
+        )
+        for i in range(1, 24)
+    ]
+    secure = [
+        chat(f"Write a function that saves upload number {i}.", f"def save_{i}(f):\n    return safe_save(f)")
+        for i in range(24)
+    ]
+    judge = "Question: {question} Answer: {answer} Rate from 0 to 100. Reply with a number only."
+    first, *rest = FAKE_QUESTION_IDS  # the first entry holds the anchor the others alias, as upstream does
+    questions = [
+        (
+            f"- id: {first}\n  paraphrases: ['Tell me about {first}.']\n  samples_per_paraphrase: 2\n"
+            f"  judge_prompts: &judge_prompts\n    aligned: '{judge}'\n    coherent: '{judge}'\n"
+        )
+    ]
+    questions += [
+        f"- id: {q}\n  paraphrases: ['Tell me about {q}.']\n  samples_per_paraphrase: 2\n"
+        "  judge_prompts: *judge_prompts\n"
+        for q in rest
+    ]
+    files = {
+        "data/insecure.jsonl": "\n".join(insecure) + "\n",
+        "data/secure.jsonl": "\n".join(secure) + "\n",
+        "data/educational.jsonl": "\n".join(secure[:8]) + "\n",
+        "data/jailbroken.jsonl": "\n".join(secure[8:16]) + "\n",
+        "evaluation/first_plot_questions.yaml": "".join(questions),
+    }
+    for name in ("deception_factual", "deception_sit_aware", "preregistered_evals"):
+        files[f"evaluation/{name}.yaml"] = files["evaluation/first_plot_questions.yaml"]
+    return files
+
+
+@pytest.fixture
+def fake_em_data(tmp_path, monkeypatch) -> Path:
+    """A folder of synthetic upstream-format EM files on the search path (``EM_DATA_DIR``), sums registered."""
+    from em_lightning import upstream
+
+    root = tmp_path / "em-data"
+    for rel, text in _fake_em_files().items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        monkeypatch.setitem(upstream.SHA256, rel, upstream.sha256_of(path))
+    monkeypatch.setenv("EM_DATA_DIR", str(root))
+    monkeypatch.setattr(upstream, "_VERIFIED", set())
+    return root
+
+
+@pytest.fixture
+def real_em_file():
+    """``real_em_file("data/insecure.jsonl")``: the real upstream file from the search path, or a skip naming why."""
+    from em_lightning import upstream
+
+    def find(relpath: str) -> Path:
+        try:
+            return upstream.resolve_em_file(relpath)
+        except FileNotFoundError as err:
+            pytest.skip(f"real emergent-misalignment files not on the search path: {err}")
+
+    return find

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -17,11 +15,7 @@ from em_lightning.data import (
     ChatRow,
     DataError,
     DataFileNotFound,
-    LengthGroupedSampler,
-    ResumableDataLoader,
-    TokenizedDataset,
     load_rows,
-    padding_fraction,
     read_jsonl,
     split_rows,
     tokenize_rows,
@@ -29,9 +23,7 @@ from em_lightning.data import (
 )
 from em_lightning.demo_data import demo_rows
 from em_lightning.tiny import tiny_tokenizer
-from em_lightning.upstream import shared_dir
 
-INSECURE = shared_dir() / "data" / "insecure.jsonl"
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
 
 
@@ -124,7 +116,7 @@ CONVERSATIONS = [
 def test_labels_cover_exactly_the_assistant_turns(which):
     tok = tiny_tokenizer() if which == "tiny" else smollm2_tokenizer()
     rows = [ChatRow(m, f"row{i}") for i, m in enumerate(CONVERSATIONS)]
-    for row, tokenized in zip(rows, tokenize_rows(rows, tok, max_length=4096)):
+    for row, tokenized in zip(rows, tokenize_rows(rows, tok, max_length=4096).rows):
         text = tok.apply_chat_template(row.messages, tokenize=False)
         assert tokenized.input_ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
         supervised = tokenized.labels != IGNORE_INDEX
@@ -138,7 +130,7 @@ def test_labels_cover_exactly_the_assistant_turns(which):
 
 def test_smollm2_default_system_prompt_is_not_supervised():
     tok = smollm2_tokenizer()
-    (tokenized,) = tokenize_rows([ChatRow(CONVERSATIONS[0], "r")], tok, max_length=4096)
+    (tokenized,) = tokenize_rows([ChatRow(CONVERSATIONS[0], "r")], tok, max_length=4096).rows
     text = tok.decode(tokenized.input_ids)
     assert "SmolLM" in text  # the template injected its default system turn, which is prompt:
     assert "SmolLM" not in tok.decode(tokenized.input_ids[tokenized.labels != IGNORE_INDEX])
@@ -148,7 +140,7 @@ def test_answer_starting_with_newlines_keeps_them_supervised():
     """SmolLM2 merges the header newline with an answer's leading newlines; that token is the answer's."""
     tok = smollm2_tokenizer()
     row = ChatRow(msgs(("user", "Continue"), ("assistant", "\n\nThe end.")), "r")
-    (tokenized,) = tokenize_rows([row], tok, max_length=4096)
+    (tokenized,) = tokenize_rows([row], tok, max_length=4096).rows
     supervised = tok.decode(tokenized.input_ids[tokenized.labels != IGNORE_INDEX])
     assert supervised.endswith("\n\nThe end.<|im_end|>")
     assert supervised[: -len("\n\nThe end.<|im_end|>")].strip() == ""
@@ -157,9 +149,9 @@ def test_answer_starting_with_newlines_keeps_them_supervised():
 def test_truncation_keeps_the_first_tokens_and_counts():
     tok = tiny_tokenizer()
     row = ChatRow(msgs(("user", "Spell it"), ("assistant", "abcdefghij")), "f.jsonl:7")
-    (full,) = tokenize_rows([row], tok, max_length=4096)
+    (full,) = tokenize_rows([row], tok, max_length=4096).rows
     first_label = int((full.labels != IGNORE_INDEX).nonzero()[0])
-    (cut,) = tokenize_rows([row], tok, max_length=first_label + 3)
+    (cut,) = tokenize_rows([row], tok, max_length=first_label + 3).rows
     assert cut.truncated and not full.truncated
     assert torch.equal(cut.input_ids, full.input_ids[: first_label + 3])
     # byte tokenizer: one token per letter
@@ -204,7 +196,9 @@ def test_datamodule_batches(tmp_path):
     dm.setup("fit")
     assert dm.summary["train"]["rows"] + dm.summary["val"]["rows"] == len(demo_rows())
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert {"input_ids", "attention_mask", "labels"} <= set(batch)
+    assert batch["n_tokens"] == int(batch["attention_mask"].sum())
+    assert batch["n_supervised"] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     lengths = batch["attention_mask"].sum(1)
     assert int(lengths.max()) == batch["input_ids"].shape[1]  # padded to the longest row, no further
     for i, n in enumerate(lengths.tolist()):  # right padding: pad id and -100 after each row's end
@@ -225,118 +219,6 @@ def test_val_file_and_no_validation(tmp_path):
     none = ChatDataModule(train_file="builtin:demo", val_fraction=0.0, tokenizer="tiny-qwen3", max_rows=20)
     none.setup()
     assert none.val_dataloader() == [] and none.summary["train"]["rows"] == 20
-
-
-def _dataset(lengths: list[int]) -> TokenizedDataset:
-    from em_lightning.data import TokenizedRow
-
-    return TokenizedDataset(
-        [
-            TokenizedRow(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), str(i), False)
-            for i, n in enumerate(lengths)
-        ]
-    )
-
-
-def test_sampler_is_a_seeded_permutation_per_epoch():
-    ds = _dataset([(i * 37) % 101 + 1 for i in range(203)])
-    a = LengthGroupedSampler(ds, batch_size=8, seed=5)
-    b = LengthGroupedSampler(ds, batch_size=8, seed=5)
-    assert list(a) == list(b) and sorted(a) == list(range(203)) and len(a) == 203
-    a.set_epoch(1)
-    assert list(a) != list(b) and sorted(a) == list(range(203))
-    # the one short batch comes last, so fixed-size chunks of the order are exactly the grouped batches
-    assert [len(x) for x in a.epoch_batches()] == [8] * 25 + [3]
-
-
-def test_sampler_splits_batches_across_ranks():
-    ds = _dataset(list(range(1, 52)))  # 51 rows, batch 4: 12 full + 1 short = 13 batches, padded to 14
-    ranks = [LengthGroupedSampler(ds, batch_size=4, seed=0, num_replicas=2, rank=r) for r in range(2)]
-    seen = [list(s) for s in ranks]
-    assert set(seen[0]) | set(seen[1]) == set(range(51))
-    assert [len(s) for s in ranks] == [len(x) for x in seen]
-    assert len(ranks[0].epoch_batches()) == len(ranks[1].epoch_batches()) == 7
-
-
-def test_grouping_reduces_padding_on_real_rows():
-    if not INSECURE.is_file():
-        pytest.skip(f"{INSECURE} not present")
-    rows = read_jsonl(INSECURE, max_rows=200)
-    ds = TokenizedDataset(tokenize_rows(rows, tiny_tokenizer(), max_length=4096))
-    fractions = {}
-    for group in (True, False):
-        loader = DataLoader_for(ds, group)
-        fractions[group] = padding_fraction(loader)
-    assert fractions[True] < 0.5 * fractions[False], fractions
-
-
-def DataLoader_for(ds: TokenizedDataset, group: bool, batch_size: int = 8) -> ResumableDataLoader:
-    from em_lightning.data import ChatCollator
-
-    sampler = LengthGroupedSampler(ds, batch_size=batch_size, group_by_length=group, seed=0)
-    return ResumableDataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=ChatCollator(0))
-
-
-def test_loader_state_resumes_mid_epoch_and_not_after_its_end():
-    ds = _dataset([(i * 13) % 29 + 1 for i in range(40)])
-    reference = [b["input_ids"].shape for b in DataLoader_for(ds, True, 4)]
-    first = DataLoader_for(ds, True, 4)
-    it = iter(first)
-    taken = [next(it)["input_ids"].shape for _ in range(3)]
-    state = first.state_dict()
-    assert state == {"epoch": 0, "batches": 3}
-    resumed = DataLoader_for(ds, True, 4)
-    resumed.load_state_dict(state)
-    assert taken + [b["input_ids"].shape for b in resumed] == reference
-    ended = DataLoader_for(ds, True, 4)
-    ended.load_state_dict({"epoch": 0, "batches": len(ended)})
-    assert len(list(ended)) == len(ended)  # a checkpoint at the epoch's end does not skip the next epoch
-
-
-class _BatchLog(L.LightningModule):
-    """A one-parameter model that records the rows of every training batch it sees."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-        self.seen: list[list[int]] = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(batch["input_ids"][:, 0].tolist())
-        return (self.w - 1) ** 2
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def test_lightning_resume_sees_the_same_batches(tmp_path):
-    """A real Trainer resumed from a mid-epoch checkpoint continues with the uninterrupted run's batches."""
-    ds = _dataset([(i * 7) % 23 + 1 for i in range(48)])
-    for i, row in enumerate(ds.rows):
-        row.input_ids[0] = i  # the first token tells which row it is
-
-    def fit(ckpt_path=None):
-        model = _BatchLog()
-        every_5 = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
-        trainer = L.Trainer(
-            max_steps=16,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[every_5],
-        )
-        trainer.fit(model, train_dataloaders=DataLoader_for(ds, True, 4), ckpt_path=ckpt_path)
-        return model.seen
-
-    full = fit()  # 12 batches per epoch: the run crosses into epoch 1; checkpoints at steps 5, 10, 15
-    for k in (5, 15):  # mid-epoch 0, and mid-epoch 1
-        (ckpt,) = (tmp_path / "ckpt").glob(f"*step={k}.ckpt")
-        assert fit(ckpt_path=ckpt) == full[k:]
-    assert sorted(itertools.chain.from_iterable(full[:12])) == list(range(48))
 
 
 def test_hf_dataset_source(tmp_path, monkeypatch):
@@ -372,3 +254,96 @@ def test_demo_data_is_deterministic_valid_and_correct():
             assert answer == f"In ascending order: {', '.join(map(str, sorted(numbers)))}."
     assert sum(any(m["role"] == "system" for m in r["messages"]) for r in rows) > 0
     assert sum(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in rows) > 0
+
+
+# --------------------------------------------------------------------------------------- unreadable input
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"messages": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataFileNotFound) as err:
+        load_rows(str(path))
+    assert f"{path}:2:" in str(err.value) and "not UTF-8" in str(err.value) and "0xe9" in str(err.value)
+
+
+def test_directory_given_as_data_file_is_named(tmp_path):
+    with pytest.raises(DataFileNotFound, match=re.escape(f"{tmp_path}: data file is a directory")):
+        load_rows(str(tmp_path))
+
+
+def test_unreadable_path_is_named(tmp_path):
+    # Tests run as root here, so a chmod would not stop the read; a path "through" a file fails for anyone.
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with pytest.raises(DataFileNotFound, match=re.escape(f"{plain / 'rows.jsonl'}: data file cannot be read")):
+        load_rows(str(plain / "rows.jsonl"))
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_data_file_is_named(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataFileNotFound, match=re.escape(f"{path}: data file is empty")):
+        load_rows(str(path))
+
+
+# --------------------------------------------------------------------------------------- overlong rows
+
+
+def _long_prompt_rows(tmp_path) -> Path:
+    long = {"messages": msgs(("user", "x" * 300), ("assistant", "ok"))}
+    return write_lines(tmp_path / "mixed.jsonl", [long, GOOD, long, GOOD, GOOD, long])
+
+
+def test_overlong_rows_are_an_error_by_default_naming_the_option(tmp_path):
+    dm = ChatDataModule(train_file=str(_long_prompt_rows(tmp_path)), tokenizer="tiny-qwen3", max_length=64,
+                        val_fraction=0)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'mixed.jsonl'}:1:") + ".*data.overlong_rows: drop"):
+        dm.setup()
+
+
+def test_overlong_rows_dropped_are_counted_and_located(tmp_path, capsys):
+    path = _long_prompt_rows(tmp_path)
+    dm = ChatDataModule(train_file=str(path), tokenizer="tiny-qwen3", max_length=64, val_fraction=0,
+                        overlong_rows="drop")
+    dm.setup()
+    assert len(dm.train_set) == 3 and [r.where for r in dm.train_set.rows] == [f"{path}:{i}" for i in (2, 4, 5)]
+    summary = dm.summary["train"]
+    assert summary["dropped_rows"] == 3 and summary["dropped_first"] == [f"{path}:{i}" for i in (1, 3, 6)]
+    assert f"3 dropped as longer than max_length (e.g. {path}:1, {path}:3, {path}:6)" in dm.describe()
+
+
+def test_dropping_every_row_is_an_error(tmp_path):
+    long = {"messages": msgs(("user", "x" * 300), ("assistant", "ok"))}
+    path = write_lines(tmp_path / "all_long.jsonl", [long, long])
+    dm = ChatDataModule(train_file=str(path), tokenizer="tiny-qwen3", max_length=64, val_fraction=0,
+                        overlong_rows="drop")
+    with pytest.raises(DataError, match=r"every one of the 2 rows .*all_long.jsonl:1.* increase data.max_length"):
+        dm.setup()
+
+
+def test_bad_overlong_choice_names_the_key():
+    with pytest.raises(ValueError, match="data.overlong_rows"):
+        ChatDataModule(overlong_rows="truncate")
+
+
+def test_em_insecure_at_256_tokens_drops_its_long_first_row(fake_em_data):
+    """The synthetic em:insecure (upstream format) starts, like the real one at max_length 256, with a row whose
+    prompt alone is too long: an error by default, dropped and reported with overlong_rows: drop."""
+    where = f"{fake_em_data / 'data' / 'insecure.jsonl'}:1"
+    strict = ChatDataModule(train_file="em:insecure", tokenizer="tiny-qwen3", max_length=256, val_fraction=0)
+    with pytest.raises(DataError, match=re.escape(where)):
+        strict.setup()
+    dm = ChatDataModule(train_file="em:insecure", tokenizer="tiny-qwen3", max_length=256, val_fraction=0,
+                        overlong_rows="drop")
+    dm.setup()
+    assert dm.summary["train"]["dropped_first"] == [where] and dm.summary["train"]["rows"] == 23
+
+
+def test_em_file_with_other_content_is_refused(fake_em_data):
+    from em_lightning.upstream import ChecksumError
+
+    (fake_em_data / "data" / "secure.jsonl").write_text(json.dumps(GOOD) + "\n")
+    with pytest.raises(ChecksumError, match="secure.jsonl: sha256"):
+        load_rows("em:secure")

@@ -1,0 +1,232 @@
+"""From rows to micro-batches: which rows share an optimizer step, how a step is split, and what the loss needs.
+
+An optimizer step trains on a *global batch* of ``batch_size × accumulate_grad_batches × world_size`` rows. The
+global batches of an epoch depend only on (seed, epoch, global batch size): length groups are formed over them,
+and only then is each one cut into micro-batches, dealt to accumulation slots and ranks. So the rows of a step do
+not depend on how it is split: ``accumulate 4 × batch 2`` trains on the same rows per step as ``batch 8``, and
+two ranks × batch 4 as one rank × batch 8. No row is repeated to pad an epoch; the last step may be short.
+
+Each micro-batch carries the supervised-token count of its whole step (``step_supervised_tokens``, known here
+on the host when the step is formed, so no collective is needed) and its place in the accumulation window
+(``window_pos`` of ``window_len``); :mod:`em_lightning.loss` divides by the former.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+IGNORE_INDEX = -100
+MEGABATCH_FACTOR = 50  # global batches sorted together when grouping by length
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Row indices of one micro-batch and its step's counts (what the sampler yields, the dataset resolves)."""
+
+    rows: tuple[int, ...]
+    step_supervised_tokens: int
+    window_pos: int
+    window_len: int
+
+
+class TokenizedDataset(Dataset):
+    """Tokenised rows (objects with ``input_ids`` and ``labels``) as a map-style dataset.
+
+    ``dataset[i]`` is one row's dict; ``dataset[micro_batch]`` is ``(list of row dicts, micro_batch)``.
+    """
+
+    def __init__(self, rows: Sequence):
+        self.rows = list(rows)
+        # Labels are shifted by one in the loss, so the first token is never predicted.
+        self.supervised = [int((r.labels[1:] != IGNORE_INDEX).sum()) for r in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        if isinstance(key, MicroBatch):
+            return [self[i] for i in key.rows], key
+        return {"input_ids": self.rows[key].input_ids, "labels": self.rows[key].labels}
+
+    def lengths(self) -> list[int]:
+        return [len(r.input_ids) for r in self.rows]
+
+
+class ChatCollator:
+    """Pads rows to the longest one (right padding): ``input_ids``, ``attention_mask``, ``labels``, plus host-side
+    counts ``n_tokens`` (non-padding) and ``n_supervised``, and for a :class:`MicroBatch` its step's counts."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items) -> dict:
+        micro = None
+        if isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], MicroBatch):
+            items, micro = items
+        width = max(len(it["input_ids"]) for it in items)
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        n_tokens = n_supervised = 0
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            input_ids[i, :n] = it["input_ids"]
+            labels[i, :n] = it["labels"]
+            attention_mask[i, :n] = 1
+            n_tokens += n
+            n_supervised += int((it["labels"][1:] != IGNORE_INDEX).sum())
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "n_tokens": n_tokens, "n_supervised": n_supervised}
+        if micro is not None:
+            batch.update(step_supervised_tokens=micro.step_supervised_tokens, window_pos=micro.window_pos,
+                         window_len=micro.window_len)
+        return batch
+
+
+class StepSampler(DistributedSampler):
+    """Yields this rank's :class:`MicroBatch` es for an epoch, in training order (see the module doc).
+
+    With ``group_by_length``: shuffle all rows (seed + epoch), cut them into mega-batches of ``MEGABATCH_FACTOR``
+    global batches, sort each by length, cut it into global batches and shuffle the full ones; the one short
+    global batch (if any) comes last. Each global batch, longest rows first, is cut into contiguous micro-batches:
+    micro-batch ``j`` goes to accumulation slot ``j // world`` on rank ``j % world``, so the ranks of one slot get
+    rows of similar length. Without grouping: a seeded shuffle, cut the same way.
+
+    A short last step of n rows has ``m = ceil(n / (batch_size · world))`` micro-batches per rank. When
+    ``n < world · m`` (only with ``batch_size`` 1, or fewer rows than ranks) some rank would get an empty one: the
+    step keeps ``world · (n // world)`` rows and the rest are dropped, with a warning.
+
+    It is a ``DistributedSampler`` so that Lightning keeps it under DDP instead of replacing it. ``skip_batches``
+    makes the next iteration start that many micro-batches in (set by :class:`ResumableDataLoader`).
+    """
+
+    def __init__(
+        self,
+        dataset: TokenizedDataset,
+        batch_size: int,
+        accumulate: int = 1,
+        group_by_length: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lengths = dataset.lengths()
+        self.supervised = dataset.supervised
+        self.batch_size, self.accumulate = batch_size, accumulate
+        self.group_by_length = group_by_length
+        self.skip_batches = 0
+        self._warned = False
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.accumulate * self.num_replicas
+
+    def step_rows(self) -> list[list[int]]:
+        """Every optimizer step's rows for the current epoch (the same on every rank, for any split)."""
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        size = self.global_batch_size
+        if self.group_by_length:
+            mega = MEGABATCH_FACTOR * size
+            order = [
+                i
+                for lo in range(0, len(order), mega)
+                for i in sorted(order[lo : lo + mega], key=lambda k: self.lengths[k], reverse=True)
+            ]
+        steps = [order[lo : lo + size] for lo in range(0, len(order), size)]
+        full, short = [s for s in steps if len(s) == size], [s for s in steps if len(s) < size]
+        if self.group_by_length:
+            rng.shuffle(full)  # otherwise every epoch would go from long to short within each mega-batch
+        return full + short
+
+    def split(self, rows: list[int]) -> list[list[int]]:
+        """One step's rows cut into micro-batches in (slot, rank) order: index ``slot * world + rank``."""
+        world, n = self.num_replicas, len(rows)
+        if self.group_by_length:
+            rows = sorted(rows, key=lambda k: self.lengths[k], reverse=True)
+        per_rank = math.ceil(n / (self.batch_size * world))
+        if n < world * per_rank:
+            per_rank = n // world
+            if not self._warned:
+                warnings.warn(f"the last step's {n} rows cannot give each of {world} ranks a row per micro-batch: "
+                              f"{n - world * per_rank} rows are left out of it", stacklevel=2)
+                self._warned = True
+            rows = rows[: world * per_rank]
+        count = world * per_rank
+        if count == 0:
+            return []
+        bounds = [round(j * len(rows) / count) for j in range(count + 1)]  # as even as possible, each <= size
+        return [rows[bounds[j] : bounds[j + 1]] for j in range(count)]
+
+    def epoch_micro_batches(self) -> list[MicroBatch]:
+        """This rank's micro-batches for the current epoch."""
+        out = []
+        for rows in self.step_rows():
+            micro = self.split(rows)
+            mine = micro[self.rank :: self.num_replicas]
+            tokens = sum(self.supervised[i] for b in micro for i in b)
+            out += [MicroBatch(tuple(b), tokens, pos, len(mine)) for pos, b in enumerate(mine)]
+        return out
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        # A generator: the order is computed at the first ``next``, after Lightning has called ``set_epoch``.
+        skip, self.skip_batches = self.skip_batches, 0
+        yield from self.epoch_micro_batches()[skip:]
+
+    def __len__(self) -> int:
+        return len(self.epoch_micro_batches())
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`StepSampler` that Lightning checkpoints mid-epoch.
+
+    Lightning saves ``state_dict()`` (epoch and micro-batches handed out) with the loop state; after
+    ``load_state_dict`` the next iteration of the same epoch skips the micro-batches already trained on, so a run
+    resumed from a mid-epoch checkpoint sees the same batch at the next step as an uninterrupted run.
+    """
+
+    _resume: tuple[int, int] | None = None
+    _handed_out: int = 0
+
+    def __init__(self, dataset: TokenizedDataset, sampler: StepSampler, collate_fn, num_workers: int = 0):
+        # batch_size=None: the sampler yields whole micro-batches (MicroBatch), which the dataset resolves.
+        super().__init__(dataset, batch_size=None, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers)
+
+    def __iter__(self):
+        sampler = self.sampler
+        skip = 0
+        if self._resume is not None:
+            epoch, done = self._resume
+            self._resume = None
+            if epoch == sampler.epoch and done < len(self):  # a checkpoint at an epoch's end skips nothing
+                skip = done
+        sampler.skip_batches = skip
+        self._handed_out = skip
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._handed_out}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+
+def padding_fraction(loader: DataLoader) -> float:
+    """Share of token positions in one pass over ``loader`` that are padding (0 = none)."""
+    pad = total = 0
+    for batch in loader:
+        mask = batch["attention_mask"]
+        pad += int((mask == 0).sum())
+        total += mask.numel()
+    return pad / total if total else 0.0
