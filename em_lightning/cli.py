@@ -6,16 +6,25 @@ would build that from ``model.parameters()`` before ``configure_model`` has crea
 
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
+
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from em_lightning.callbacks.adapter_export import AdapterExport
 from em_lightning.callbacks.training_monitor import TrainingMonitor
 from em_lightning.data import ChatDataModule
-from em_lightning.module import LoRAFineTune
+from em_lightning.errors import InputError
+from em_lightning.module import CheckpointMismatch, LoRAFineTune
+
+# Class paths of configs written before callbacks/ was installed as em_lightning.callbacks.
+_OLD_CALLBACK_PATH = re.compile(r"(?<![\w.])callbacks\.(\w+)\.(\w+)")
 
 
 class EMLightningCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True, **kwargs):
+        check_class_paths(sys.argv[1:] if args is None else args)
         super().__init__(
             LoRAFineTune,
             ChatDataModule,
@@ -27,6 +36,28 @@ class EMLightningCLI(LightningCLI):
             **kwargs,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model's config with the hyperparameters saved in ``--ckpt_path``, silently; an
+        adapter of another shape must instead be an error that names the key the user set differently."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            import torch
+
+            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            # Every LoRA setting shapes the adapter; of the base, only the model itself (dtype, attention kernel or
+            # checkpointing may change between a run and its resume).
+            for group, keys in (("lora", None), ("base", {"name"})):
+                given = self.config[sub]["model"].get(group)
+                given = vars(given) if given is not None and not isinstance(given, dict) else given or {}
+                for key, value in (saved.get(group) or {}).items():
+                    if key in given and (keys is None or key in keys) and _plain(given[key]) != _plain(value):
+                        raise CheckpointMismatch(
+                            f"model.{group}.{key}: {ckpt_path} was written with {value!r}, this run sets "
+                            f"{given[key]!r}; resume with the checkpoint's setting (or start a new run)"
+                        )
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data is tokenised with the model's own tokenizer and chat template.
         parser.link_arguments("model.base.name", "data.tokenizer")
@@ -34,3 +65,36 @@ class EMLightningCLI(LightningCLI):
         # Always-on callbacks, configurable under their own keys (monitor.*, adapter_export.*).
         parser.add_lightning_class_args(TrainingMonitor, "monitor")
         parser.add_lightning_class_args(AdapterExport, "adapter_export")
+
+
+def check_class_paths(argv) -> None:
+    """Refuse the pre-rename ``callbacks.<file>.<Class>`` class paths in config files and arguments, naming the
+    file:line and the new path (jsonargparse's own error would list every way a callback can be given instead)."""
+    argv = [str(a) for a in argv]
+    sources = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            sources.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            sources.append(arg.split("=", 1)[1])
+        elif _OLD_CALLBACK_PATH.search(arg) and not arg.startswith("--config"):
+            raise InputError(f"argument {arg!r}: {_renamed(_OLD_CALLBACK_PATH.search(arg))}")
+    for source in sources:
+        path = Path(source)
+        if not path.is_file():
+            continue  # jsonargparse reports a missing config (or parses an inline YAML string)
+        for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+            match = _OLD_CALLBACK_PATH.search(line.split("#", 1)[0])
+            if match:
+                raise InputError(f"{path}:{lineno}: {_renamed(match)}")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _renamed(match: re.Match) -> str:
+    return (
+        f"class path {match.group(0)} names the old top-level package; the callbacks are now "
+        f"em_lightning.callbacks: write em_lightning.callbacks.{match.group(1)}.{match.group(2)}"
+    )

@@ -28,3 +28,25 @@ class LossRecorder(L.Callback):
 
 def find(trainer, cls):
     return next(cb for cb in trainer.callbacks if isinstance(cb, cls))
+
+
+class GradRecorder(L.Callback):
+    """Records every adapter gradient just before each optimizer step (after accumulation), by global step."""
+
+    def __init__(self):
+        self.grads: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads[trainer.global_step] = {
+            n: p.grad.detach().clone() for n, p in pl_module.trainable_named_parameters() if p.grad is not None
+        }
+
+
+class SumOfATerm(L.Callback):
+    """Registers the loss term Σ lora_A (gradient exactly 1 per element) with weight 0.5·(step + 1)."""
+
+    def setup(self, trainer, pl_module, stage):
+        def raw(module):
+            return sum(p.sum() for n, p in module.trainable_named_parameters() if "lora_A" in n)
+
+        pl_module.add_loss_term("sum_a", raw, weight=lambda step: 0.5 * (step + 1))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import functools
+import hashlib
 import http.server
-import runpy
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -16,9 +17,7 @@ import pytest
 from em_lightning import upstream
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = upstream.shared_dir()
 SMALL = "evaluation/first_plot_questions.yaml"
-needs_shared = pytest.mark.skipif(not (SHARED / SMALL).is_file(), reason=f"{SHARED} not present")
 
 
 @pytest.fixture
@@ -44,27 +43,39 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def download_script():
-    return runpy.run_path(str(REPO / "scripts" / "download_data.py"), run_name="download_data")["main"]
+def download_script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run scripts/download_data.py as a user would (a subprocess: tests do not import from scripts/)."""
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "download_data.py"), *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})}, check=False)
 
 
-@needs_shared
-def test_sums_match_the_shared_sha256sums_file():
-    listed = dict(
-        line.split()[::-1] for line in (SHARED / "SHA256SUMS").read_text().splitlines() if line.strip()
-    )
+@pytest.mark.em_data
+def test_sums_match_the_upstream_sha256sums_file(real_em_file):
+    folder = real_em_file(SMALL).parents[1]
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        pytest.skip(f"{folder} has no SHA256SUMS file to compare with")
+    listed = dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())
     assert listed == upstream.SHA256
 
 
-def test_lookup_order_env_then_shared_then_cache(tmp_path, monkeypatch):
-    env, shared, cache = tmp_path / "env", tmp_path / "shared", tmp_path / "cache"
-    monkeypatch.setattr(upstream, "shared_dir", lambda: shared)
+@pytest.mark.em_data
+def test_real_files_load_as_training_data(real_em_file):
+    from em_lightning.data import load_rows
+
+    real_em_file("data/insecure.jsonl")
+    assert len(load_rows("em:insecure")) == 6000
+
+
+def test_lookup_order_follows_the_search_path_then_the_cache(tmp_path, monkeypatch):
+    first, second, cache = tmp_path / "first", tmp_path / "second", tmp_path / "cache"
     monkeypatch.setenv("EM_LIGHTNING_CACHE", str(cache))
-    monkeypatch.setenv("EM_DATA_DIR", str(env))
+    monkeypatch.setenv("EM_DATA_DIR", os.pathsep.join([str(first), str(second)]))
     monkeypatch.setitem(upstream.SHA256, SMALL, hashlib.sha256(b"x").hexdigest())
+    assert upstream.search_dirs() == [first, second, cache / "data"]
     with pytest.raises(FileNotFoundError, match="scripts/download_data.py"):
         upstream.resolve_em_file(SMALL)
-    for folder in (cache / "data", shared, env):  # each added folder takes precedence over the ones before
+    for folder in (cache / "data", second, first):  # each added folder takes precedence over the ones after it
         (folder / SMALL).parent.mkdir(parents=True)
         (folder / SMALL).write_text("x")
         assert upstream.resolve_em_file(SMALL) == folder / SMALL
@@ -80,53 +91,50 @@ def test_a_local_copy_with_the_wrong_sum_is_refused(tmp_path, monkeypatch):
         upstream.resolve_em_file(SMALL)
 
 
-@needs_shared
-def test_shared_folder_is_found_next_to_the_checkout(monkeypatch):
+def test_no_search_path_entry_is_hard_coded(tmp_path, monkeypatch):
     monkeypatch.delenv("EM_DATA_DIR", raising=False)
-    assert upstream.resolve_em_file("data/insecure.jsonl") == SHARED / "data" / "insecure.jsonl"
+    monkeypatch.setenv("EM_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    assert upstream.search_dirs() == [tmp_path / "cache" / "data"]
 
 
-@needs_shared
-def test_download_verifies_checksums(tmp_path, serve):
-    base = serve(SHARED)
+def test_download_verifies_checksums(tmp_path, serve, fake_em_data):
+    """Against a local server holding the synthetic files: the in-process download accepts them (the fixture
+    registered their sums); the script, a subprocess that checks the real upstream sums, refuses them and keeps
+    nothing."""
+    base = serve(fake_em_data)
     files = [SMALL, "data/insecure.jsonl"]
-    assert download_script()(["--base-url", base, "--dest", str(tmp_path), "--files", *files, "--quiet"]) == 0
+    assert upstream.download(files, dest=tmp_path / "dest", base_url=base, progress=False)
     for rel in files:
-        assert upstream.sha256_of(tmp_path / rel) == upstream.SHA256[rel]
-    assert not list(tmp_path.rglob("*.part"))
+        assert upstream.sha256_of(tmp_path / "dest" / rel) == upstream.SHA256[rel]
+    assert not list((tmp_path / "dest").rglob("*.part"))
+    done = download_script("--base-url", base, "--dest", str(tmp_path / "script"), "--files", SMALL, "--quiet")
+    assert done.returncode != 0 and "checksum mismatch" in done.stderr  # synthetic file, real upstream sum
+    assert not (tmp_path / "script" / SMALL).exists() and not list((tmp_path / "script").rglob("*.part"))
 
 
-@needs_shared
-def test_corrupted_file_is_rejected_and_not_kept(tmp_path, serve, capsys):
+def test_corrupted_file_is_rejected_and_not_kept(tmp_path, serve, fake_em_data):
     served = tmp_path / "served"
     (served / SMALL).parent.mkdir(parents=True)
-    data = (SHARED / SMALL).read_bytes()
+    data = (fake_em_data / SMALL).read_bytes()
     (served / SMALL).write_bytes(data[:-10] + b"tampered!\n")
     base = serve(served)
     dest = tmp_path / "dest"
     with pytest.raises(upstream.ChecksumError, match="does not match"):
         upstream.download([SMALL], dest=dest, base_url=base, progress=False)
     assert not (dest / SMALL).exists() and not list(dest.rglob("*.part"))
-    assert download_script()(["--base-url", base, "--dest", str(dest), "--files", SMALL, "--quiet"]) != 0
-    assert "checksum mismatch" in capsys.readouterr().err
-    assert not (dest / SMALL).exists()
 
 
-@needs_shared
-def test_existing_good_file_is_not_fetched_again(tmp_path):
+def test_existing_good_file_is_not_fetched_again(tmp_path, fake_em_data):
     dest = tmp_path / "dest"
     (dest / SMALL).parent.mkdir(parents=True)
-    shutil.copyfile(SHARED / SMALL, dest / SMALL)
+    shutil.copyfile(fake_em_data / SMALL, dest / SMALL)
     # an unreachable server: the call only succeeds if it does not try to download
     assert upstream.download([SMALL], dest=dest, base_url="http://127.0.0.1:9", progress=False) == [
         dest / SMALL
     ]
 
 
-def test_missing_server_gives_a_clear_error(tmp_path, capsys):
-    assert (
-        download_script()(["--base-url", "http://127.0.0.1:9", "--dest", str(tmp_path), "--files", SMALL])
-        == 1
-    )
-    assert "download failed" in capsys.readouterr().err
+def test_missing_server_gives_a_clear_error(tmp_path):
+    done = download_script("--base-url", "http://127.0.0.1:9", "--dest", str(tmp_path), "--files", SMALL)
+    assert done.returncode == 1 and "download failed" in done.stderr
     assert not list(tmp_path.rglob("*.yaml")) and not list(tmp_path.rglob("*.part"))
