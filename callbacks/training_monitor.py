@@ -15,7 +15,8 @@ class TrainingMonitor(L.Callback):
       excluded), at the step's ``global_step``;
     * ``train/supervised_tokens``: cumulative supervised tokens seen by this device (the x-axis most comparisons
       want; multiply by the number of devices under DDP);
-    * ``train/padding_frac`` of the step's micro-batches, and ``train/lr`` (``train/lr/groupN`` for further groups).
+    * ``train/padding_frac`` of the step's micro-batches, and ``train/lr`` (``train/lr/groupN`` for further groups):
+      the rate the step used (read just before the optimizer step, not after the scheduler moved on).
 
     The counts come from what ``training_step`` returns (``supervised_tokens``, ``tokens``, ``step_end``), which the
     collator counted on the host: no recount and no device sync here. When training starts it also logs the data
@@ -29,6 +30,7 @@ class TrainingMonitor(L.Callback):
         self.log_lr = log_lr
         self._t0: float | None = None
         self._tokens = self._positions = 0
+        self._lrs: list[float] = []
         self.supervised_tokens = 0
 
     def on_train_start(self, trainer, pl_module):
@@ -42,6 +44,10 @@ class TrainingMonitor(L.Callback):
         if scalars and trainer.global_step == 0:
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=0)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # The rates this step uses: by on_train_batch_end the scheduler has already moved to the next step's.
+        self._lrs = [group["lr"] for group in optimizer.param_groups]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._t0 is None:  # first micro-batch of an optimizer step
@@ -61,8 +67,8 @@ class TrainingMonitor(L.Callback):
         pl_module.log("train/supervised_tokens", float(self.supervised_tokens), **log)
         pl_module.log("train/padding_frac", 1.0 - self._tokens / max(self._positions, 1), **log)
         if self.log_lr:
-            for i, group in enumerate(trainer.optimizers[0].param_groups):
-                pl_module.log(f"train/lr/group{i}" if i else "train/lr", group["lr"], **log)
+            for i, lr in enumerate(self._lrs):
+                pl_module.log(f"train/lr/group{i}" if i else "train/lr", lr, **log)
         self._t0, self._tokens, self._positions = None, 0, 0
 
     def state_dict(self):

@@ -50,3 +50,14 @@ class SumOfATerm(L.Callback):
             return sum(p.sum() for n, p in module.trainable_named_parameters() if "lora_A" in n)
 
         pl_module.add_loss_term("sum_a", raw, weight=lambda step: 0.5 * (step + 1))
+
+
+class BatchCounts(L.Callback):
+    """Records the host-side counts of every training micro-batch: (tokens, supervised, padded positions)."""
+
+    def __init__(self):
+        self.counts: list[tuple[int, int, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counts.append((int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != -100).sum()),
+                            batch["input_ids"].numel()))
