@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,39 +39,15 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
-from em_lightning.evaluation import SidecarConfig, VLLMSidecar, load_questions  # noqa: E402
-from em_lightning.evaluation.runner import read_records  # noqa: E402
-from em_lightning.evaluation.sidecar import default_vllm_python  # noqa: E402
-from em_lightning.lora import LoRASpec, apply_lora  # noqa: E402
-from em_lightning.models import SMOLLM2, ModelSpec, load_model, load_tokenizer, resolve_model_dir  # noqa: E402
-
-
-def random_adapters(out_dir: Path, seeds, b_scale: float = 0.05):
-    """Seeded random LoRA adapters of SmolLM2 (r=8, alpha 16, all seven projections), saved as PEFT dirs that
-    vLLM loads, ``<out_dir>/adapter_<seed>``; returns the peft model (holding the last one's weights, in eval
-    mode) and the dirs.
-
-    A is scaled like a unit-variance projection, B by ``b_scale``: non-zero B changes the answers (0.05
-    changes greedy answers and stays fluent); the benchmark's work does not depend on it.
-    """
-    model = apply_lora(load_model(ModelSpec(name=SMOLLM2)), LoRASpec(r=8, alpha=16.0))
-    dirs = []
-    for seed in seeds:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_A" in name or "lora_B" in name:
-                    scale = p.shape[1] ** -0.5 if "lora_A" in name else b_scale
-                    p.copy_(torch.randn(p.shape, generator=g) * scale)
-        path = Path(out_dir) / f"adapter_{seed}"
-        model.save_pretrained(str(path))
-        dirs.append(path)
-    return model.eval(), dirs
+from em_lightning.evaluation import SidecarConfig, VLLMSidecar, load_questions
+from em_lightning.evaluation.runner import read_records
+from em_lightning.evaluation.sidecar import default_vllm_python
+from em_lightning.evaluation.testing import random_adapters
+from em_lightning.models import SMOLLM2, load_tokenizer, resolve_model_dir
 
 
 def bench_hf(model, tokenizer, conversations, max_tokens: int) -> tuple[float, int]:
@@ -81,14 +56,14 @@ def bench_hf(model, tokenizer, conversations, max_tokens: int) -> tuple[float, i
         tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations
     ]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    kwargs = dict(
-        do_sample=True,
-        temperature=1.0,
-        top_p=1.0,
-        max_new_tokens=max_tokens,
-        min_new_tokens=max_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    kwargs = {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "max_new_tokens": max_tokens,
+        "min_new_tokens": max_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     with torch.no_grad():
         model.generate(
             **{k: v[:1] for k, v in batch.items()}, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4}
@@ -139,9 +114,7 @@ def eval_overlay(path: Path, url: str, mode: str, every: int) -> Path:
     args = {
         "every_n_steps": every,
         "questions": "builtin:quickstart",
-        "samples_per_question": 2,
-        "max_tokens": 48,
-        "max_concurrency": 4,
+        "generation": {"samples_per_question": 2, "max_tokens": 48, "max_concurrency": 4},
         "mode": mode,
         "definition": "mo",
         "eval_at_end": True,
@@ -153,12 +126,8 @@ def eval_overlay(path: Path, url: str, mode: str, every: int) -> Path:
         },
         "sidecar": {"url": url},
     }
-    cfg = {
-        "trainer": {
-            "callbacks+": [{"class_path": "callbacks.misalignment_eval.MisalignmentEval", "init_args": args}]
-        }
-    }
-    path.write_text(yaml.safe_dump(cfg))
+    callback = {"class_path": "em_lightning.callbacks.misalignment_eval.MisalignmentEval", "init_args": args}
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks+": [callback]}}))
     return path
 
 

@@ -1,5 +1,5 @@
-"""Helpers shared by the misalignment-eval tests: TensorBoard scalars, callback overlays, a fake managed
-sidecar and a callback that kills the sidecar mid-run."""
+"""Helpers shared by the misalignment-eval tests: TensorBoard scalars, callback and logger overlays, a logger
+that records its calling thread, a fake managed sidecar and a callback that kills the sidecar mid-run."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import lightning as L
 import yaml
+from lightning.pytorch.loggers import Logger
 from tbparse import SummaryReader
 
-from callbacks.misalignment_eval import MisalignmentEval
+from em_lightning.callbacks.misalignment_eval import MisalignmentEval
 from em_lightning.evaluation import SidecarConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,16 +29,63 @@ def tb_scalars(run_dir) -> dict[str, dict[int, float]]:
 
 def eval_overlay(path: Path, init_args: dict) -> str:
     """Write a config overlay that adds a ``MisalignmentEval`` with ``init_args`` to the trainer's callbacks."""
-    callback = {"class_path": "callbacks.misalignment_eval.MisalignmentEval", "init_args": init_args}
+    callback = {
+        "class_path": "em_lightning.callbacks.misalignment_eval.MisalignmentEval",
+        "init_args": init_args,
+    }
     path.write_text(yaml.safe_dump({"trainer": {"callbacks+": [callback]}}))
+    return str(path)
+
+
+class ThreadRecordingLogger(Logger):
+    """Records ``(thread, step, metrics)`` of every ``log_metrics`` call; writes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[threading.Thread, int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "thread_recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((threading.current_thread(), step, dict(metrics)))
+
+
+def loggers_overlay(path: Path, tensorboard_prefix: str) -> str:
+    """Write a config overlay whose loggers are a TensorBoardLogger with ``prefix`` and a
+    :class:`ThreadRecordingLogger`, in that order (the first names the run dir)."""
+    tensorboard = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "tiny", "prefix": tensorboard_prefix},
+    }
+    recorder = {"class_path": "tests.eval_helpers.ThreadRecordingLogger"}
+    path.write_text(yaml.safe_dump({"trainer": {"logger": [tensorboard, recorder]}}))
     return str(path)
 
 
 def fit_with_eval(run_cli, overlay: str, steps: int, *extra: str, base: str = "configs/tiny.yaml"):
     """``fit`` on ``base`` plus the eval ``overlay`` for ``steps`` optimizer steps, validating only at the last
     step; ``extra`` CLI arguments come last, so they override."""
-    return run_cli("fit", "--config", base, "--config", overlay, "--trainer.max_steps", str(steps),
-                   "--trainer.val_check_interval", str(steps), *extra)
+    return run_cli(
+        "fit",
+        "--config",
+        base,
+        "--config",
+        overlay,
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(steps),
+        *extra,
+    )
 
 
 def fake_vllm_env(tmp_path: Path) -> dict[str, str]:
@@ -78,11 +127,11 @@ class KillSidecarAt(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step and self.killed_pgid is None:
-            self.killed_pgid = _evaluator(trainer).sidecar.pid
+            self.killed_pgid = _evaluator(trainer).session.sidecar.pid
             os.killpg(self.killed_pgid, signal.SIGKILL)
 
     def on_train_end(self, trainer, pl_module):
-        self.final_pgid = _evaluator(trainer).sidecar.pid
+        self.final_pgid = _evaluator(trainer).session.sidecar.pid
 
 
 def _evaluator(trainer) -> MisalignmentEval:

@@ -2,15 +2,18 @@
 
 The fake *judge* reads its answer distribution from the prompt: the user message holds ``DIST=<json>`` mapping
 answer strings to probabilities (``{"85": 0.6, "REFUSAL": 0.4}``), or ``ALIGNED``/``COHERENT`` followed by an
-answer that holds ``{"aligned": {...}, "coherent": {...}}``. It then behaves like a language model over those
-strings with one of two tokenizers: ``whole`` (each answer is one token) or ``digits`` (every digit is its own
-token; other text is one token), continuing an assistant prefix when ``continue_final_message`` is set.
+answer that holds ``{"aligned": {...}, "coherent": {...}}`` (any other ``NAME`` reads the answer's ``name``
+key). It then behaves like a language model over those strings with one of two tokenizers: ``whole`` (each
+answer is one token) or ``digits`` (every digit is its own token; other text is one token), continuing an
+assistant prefix when ``continue_final_message`` is set.
 
 The fake *generator* answers chat requests without ``logprobs`` with ``answers`` (cycled), ``n`` of them.
 
 Failures on demand: ``fail_next`` (503s), ``garbage`` (no choices), ``hang_s``/``judge_hang_s`` (slow
 answers), ``status_for_prompt`` (an HTTP status for chat requests whose user message contains a marker, e.g. a 400 for
-one answer's judge requests), ``block_loads`` (adapter loads wait for an event).
+one answer's judge requests), ``block_loads`` (adapter loads wait for an event), ``lose_load_answers`` (that
+many adapter loads succeed but are answered 503, as if the answer was lost), ``refuse_loads`` (loads answered
+400, nothing loaded).
 
 ``python -m vllm.entrypoints.openai.api_server`` can be this server too (:func:`serve_as_vllm`, through the
 shim package that :func:`tests.eval_helpers.fake_vllm_env` writes): a *managed* sidecar that starts in a
@@ -25,6 +28,10 @@ import math
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 END = "<|im_end|>"
 
@@ -77,6 +84,10 @@ class FakeOpenAI:
         self.judge_hang_s = 0.0  # sleep before answering judge (logprobs) requests only
         self.status_for_prompt: dict[str, int] = {}  # marker in the user message -> HTTP status to answer
         self.block_loads: threading.Event | None = None  # adapter loads wait until it is set
+        self.lose_load_answers = (
+            0  # load this many adapters, but answer 503 (a retry then finds the name taken)
+        )
+        self.refuse_loads = False  # answer adapter loads with 400 without loading
         self.adapters: set[str] = set()
         self.base_name = "fake-base"
         self._lock = threading.Lock()
@@ -88,7 +99,7 @@ class FakeOpenAI:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> FakeOpenAI:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -149,11 +160,17 @@ class FakeOpenAI:
                     if fake.block_loads is not None:
                         fake.block_loads.wait(30)
                     name = payload["lora_name"]
+                    if fake.refuse_loads:
+                        return self._send(400, {"error": f"invalid LoRA adapter at {payload['lora_path']}"})
                     if name in fake.adapters:
                         return self._send(
                             400, {"error": f"The lora adapter '{name}' has already been loaded."}
                         )
                     fake.adapters.add(name)
+                    with fake._lock:
+                        if fake.lose_load_answers > 0:
+                            fake.lose_load_answers -= 1
+                            return self._send(503, {"error": "answer lost"})
                     return self._send(
                         200, f"Success: LoRA adapter '{name}' added successfully.", "text/plain"
                     )
@@ -228,8 +245,11 @@ def parse_distribution(prompt: str) -> dict[str, float]:
     """The answer distribution a fake-judge prompt asks for (see the module docstring)."""
     if "DIST=" in prompt:
         return json.loads(prompt.split("DIST=", 1)[1])
-    metric = "aligned" if prompt.startswith("ALIGNED") else "coherent"
-    spec = json.loads(prompt.split(" ", 1)[1])
+    head, body = prompt.split(" ", 1)
+    spec = json.loads(body)
+    metric = head.lower()  # "DECEPTION {answer}" reads the answer's "deception" distribution
+    if metric not in spec:
+        metric = "aligned" if prompt.startswith("ALIGNED") else "coherent"
     return {str(k): v for k, v in spec[metric].items()}
 
 

@@ -4,20 +4,31 @@ OpenAI/vLLM server on 127.0.0.1 (the real vLLM sidecar is tested in test_eval_vl
 from __future__ import annotations
 
 import json
+import math
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
-from callbacks.misalignment_eval import MisalignmentEval
-from em_lightning.evaluation import JudgeConfig, SidecarConfig
+from em_lightning.callbacks.misalignment_eval import MisalignmentEval
+from em_lightning.errors import InputError, UnreadableFile
+from em_lightning.evaluation import GenerationConfig, JudgeConfig, SidecarConfig, wilson_interval
 from em_lightning.evaluation.runner import read_records
-from tests.eval_helpers import eval_overlay, fake_managed_sidecar, fit_with_eval, tb_scalars
+from tests.eval_helpers import (
+    ThreadRecordingLogger,
+    eval_overlay,
+    fake_managed_sidecar,
+    fit_with_eval,
+    loggers_overlay,
+    tb_scalars,
+)
 from tests.fake_openai import FakeOpenAI, judge_answer
 
 MISALIGNED = judge_answer({"10": 1.0}, {"90": 1.0})
 ALIGNED = judge_answer({"90": 1.0}, {"80": 1.0})
+SCORES = {MISALIGNED: (10.0, 90.0), ALIGNED: (90.0, 80.0)}  # (aligned, coherent) the fake judge gives each
 
 
 @pytest.fixture
@@ -35,8 +46,7 @@ def _overlay(tmp_path, url, questions, **init_args) -> str:
     args = {
         "every_n_steps": 2,
         "questions": str(questions),
-        "samples_per_question": 2,
-        "max_tokens": 8,
+        "generation": {"samples_per_question": 2, "max_tokens": 8},
         "judge": {"number_tokens": "auto", "digit_min_prob": 0.0},
         "sidecar": {"url": url, "request_timeout_s": 5, "max_retries": 0},
         **init_args,
@@ -70,13 +80,14 @@ def test_rate_logged_at_the_steps_of_the_adapters_and_samples_written(run_cli, t
         assert scalars["eval/misalignment_rate"][step] == pytest.approx(k / len(rows))
         assert len({s["adapter"] for s in rows}) == 1
         lo, hi = scalars["eval/ci_low"][step], scalars["eval/ci_high"][step]
-        assert lo <= k / len(rows) <= hi
+        assert (lo, hi) == pytest.approx(wilson_interval(k, len(rows)), abs=1e-6)  # TensorBoard keeps float32
     adapters = [s["adapter"] for s in samples]
     assert len(set(adapters)) == 3  # a fresh name per eval
     assert set(gen_models) == set(adapters)
     assert loaded_at_end == {samples[-1]["adapter"]}  # previous adapters were unloaded
     assert {s["system"] for s in samples if s["question_id"] == "bored"} == {"Short answers."}
-    assert all(isinstance(s["aligned"], float) and isinstance(s["coherent"], float) for s in samples)
+    for s in samples:
+        assert (s["aligned"], s["coherent"]) == pytest.approx(SCORES[s["answer"]])
     assert {s["error"] for s in samples} == {None}
     eval_adapters = Path(run_dir) / "eval_adapters"
     assert not eval_adapters.exists() or not any(eval_adapters.iterdir())  # removed after their evals
@@ -159,26 +170,99 @@ def test_dead_managed_sidecar_is_restarted_for_the_next_eval(run_cli, tmp_path, 
     for pgid in (killer.killed_pgid, killer.final_pgid):
         with pytest.raises(ProcessLookupError):
             os.killpg(pgid, 0)
-    assert _callback(cli).sidecar is None  # stopped in teardown
+    assert _callback(cli).session.sidecar is None  # stopped in teardown
 
 
 def test_missing_judge_key_fails_when_the_callback_is_built(tmp_path, question_file, monkeypatch):
     """Before any sidecar starts: the error names the config key and the variable."""
     monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
     judge = JudgeConfig(base_url="https://judge.example", api_key_env="NO_SUCH_JUDGE_KEY")
-    with pytest.raises(ValueError, match=r"judge\.api_key_env.*NO_SUCH_JUDGE_KEY"):
+    with pytest.raises(InputError, match=r"judge\.api_key_env.*NO_SUCH_JUDGE_KEY"):
         MisalignmentEval(questions=str(question_file), judge=judge)
     monkeypatch.setenv("NO_SUCH_JUDGE_KEY", "set")
     MisalignmentEval(questions=str(question_file), judge=judge)
 
 
-def test_config_errors_are_clear(tmp_path, question_file):
-    with pytest.raises(ValueError, match="every_n_steps"):
-        MisalignmentEval(every_n_steps=0, questions=str(question_file))
-    with pytest.raises(ValueError, match="mode"):
-        MisalignmentEval(questions=str(question_file), mode="sometimes")
-    with pytest.raises(FileNotFoundError):
-        MisalignmentEval(questions=str(tmp_path / "missing.yaml"))
+def test_config_errors_name_the_argument(question_file):
+    for kwargs, needle in [
+        ({"every_n_steps": 0}, r"^MisalignmentEval\.every_n_steps: must be >= 1"),
+        ({"mode": "sometimes"}, r"^MisalignmentEval\.mode: must be 'async' or 'blocking'"),
+        ({"definition": "strict"}, r"^definition: must be one of \('em', 'mo'\)"),
+    ]:
+        with pytest.raises(InputError, match=needle):
+            MisalignmentEval(questions=str(question_file), **kwargs)
+
+
+def test_callback_and_evaluate_share_one_generation_default():
+    import inspect
+
+    from em_lightning.evaluation.cli import evaluate
+
+    callback_default = inspect.signature(MisalignmentEval).parameters["generation"].default
+    assert (
+        callback_default == inspect.signature(evaluate).parameters["generation"].default == GenerationConfig()
+    )
+    assert MisalignmentEval().session.generation.samples_per_question == 4
+
+
+def test_question_file_is_read_in_setup_not_when_the_callback_is_built(run_cli, tmp_path):
+    """Building the callback (as a config does) reads nothing; fit fails in setup, naming the file, before the
+    sidecar is asked anything and before any training step."""
+    missing = tmp_path / "missing.yaml"
+    MisalignmentEval(questions=str(missing))  # no error: nothing is read yet
+    with FakeOpenAI() as fake:
+        overlay = _overlay(tmp_path, fake.url, missing)
+        with pytest.raises(UnreadableFile, match=rf"^{missing}: question file does not exist"):
+            fit_with_eval(run_cli, overlay, 2)
+        assert fake.requests == []  # the sidecar was never contacted
+    assert not list(tmp_path.glob("runs/**/checkpoints/*.ckpt"))
+
+
+def test_eval_scalars_are_logged_on_the_trainer_thread_with_the_loggers_prefix(
+    run_cli, tmp_path, question_file
+):
+    """Async evals finish in the worker thread, but every logger call happens on the trainer's (main) thread,
+    at the adapter's step; TensorBoard's tags carry its prefix (``run1-eval/...``)."""
+    with FakeOpenAI(tokenizer="whole") as fake:
+        fake.answers = [MISALIGNED, ALIGNED]
+        fake.hang_s = 0.2  # the evals outlast a training step or two: they finish while training goes on
+        overlay = _overlay(tmp_path, fake.url, question_file, mode="async")
+        loggers = loggers_overlay(tmp_path / "loggers.yaml", tensorboard_prefix="run1")
+        cli = fit_with_eval(run_cli, overlay, 5, "--config", loggers)
+    recorder = next(lg for lg in cli.trainer.loggers if isinstance(lg, ThreadRecordingLogger))
+    eval_calls = [(thread, step, m) for thread, step, m in recorder.calls if "eval/failed" in m]
+    assert [step for _, step, _ in eval_calls] == [2, 4, 5]
+    assert {thread for thread, _, _ in eval_calls} == {threading.main_thread()}
+    samples = read_records(f"{cli.trainer.log_dir}/misalignment_samples.jsonl")
+    for _, step, metrics in eval_calls:
+        rows = [s for s in samples if s["step"] == step]
+        assert metrics["eval/misalignment_rate"] == pytest.approx(
+            sum(s["answer"] == MISALIGNED for s in rows) / len(rows)
+        )
+    scalars = tb_scalars(cli.trainer.log_dir)
+    assert sorted(scalars["run1-eval/misalignment_rate"]) == [2, 4, 5]
+    assert not [tag for tag in scalars if tag.startswith("eval/")]
+
+
+def test_nan_values_are_left_out_for_every_logger(run_cli, tmp_path, question_file):
+    """A judge that refuses every aligned score leaves no countable answer: the rate and its interval are NaN
+    and are not logged, while n_counted = 0 says why."""
+    with FakeOpenAI(tokenizer="whole") as fake:
+        fake.answers = [judge_answer({"REFUSAL": 1.0}, {"80": 1.0})]
+        overlay = _overlay(tmp_path, fake.url, question_file, mode="blocking", every_n_steps=100)
+        loggers = loggers_overlay(tmp_path / "loggers.yaml", tensorboard_prefix="")
+        cli = fit_with_eval(run_cli, overlay, 2, "--config", loggers)
+    recorder = next(lg for lg in cli.trainer.loggers if isinstance(lg, ThreadRecordingLogger))
+    (metrics,) = [m for _, _, m in recorder.calls if "eval/failed" in m]
+    assert (metrics["eval/n_counted"], metrics["eval/coherent_mean"], metrics["eval/failed"]) == (
+        0.0,
+        80.0,
+        0.0,
+    )
+    absent = {"eval/misalignment_rate", "eval/ci_low", "eval/ci_high", "eval/aligned_mean"}
+    assert not absent & set(metrics)
+    scalars = tb_scalars(cli.trainer.log_dir)
+    assert scalars["eval/n_counted"] == {2: 0.0} and not absent & set(scalars)
 
 
 def test_tiny_model_without_served_dir_fails_before_training(run_cli, tmp_path, question_file):
@@ -298,3 +382,87 @@ def test_evaluate_failure_cancels_retries_and_joins_its_threads(tmp_path, questi
         busy = [r for r in fake.chat_requests(judge=True) if "BUSY" in r["messages"][0]["content"]]
     assert [t.name for t in threading.enumerate() if t.name.startswith("em-eval")] == []
     assert 1 <= len(busy) < 2 * 7  # both metrics of the busy answer gave up early instead of trying 7 times
+
+
+def test_evaluate_bad_input_fails_before_the_sidecar_is_contacted(tmp_path, question_file, monkeypatch):
+    """Each error names the file (and line) or the config key; the server is never asked anything and no
+    output dir is made."""
+    from em_lightning.evaluation.cli import main
+
+    no_config, bad_json, no_base = (tmp_path / name for name in ("no_config", "bad_json", "no_base"))
+    for adapter, text in [(no_config, None), (bad_json, '{"r": 4,\n'), (no_base, '{"r": 4}')]:
+        adapter.mkdir()
+        if text is not None:
+            (adapter / "adapter_config.json").write_text(text)
+    monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
+    questions = ["--questions", str(question_file)]
+    cases = [
+        (
+            ["--questions", str(tmp_path / "missing.yaml")],
+            rf"^{tmp_path}/missing.yaml: question file does not exist",
+        ),
+        (
+            [*questions, "--adapter", str(no_config)],
+            rf"^{no_config}/adapter_config.json: adapter config .* not exist",
+        ),
+        ([*questions, "--adapter", str(bad_json)], rf"^{bad_json}/adapter_config.json:2: not valid JSON"),
+        (
+            [*questions, "--judge.api_key_env", "NO_SUCH_JUDGE_KEY"],
+            r"^judge\.api_key_env is 'NO_SUCH_JUDGE_KEY'",
+        ),
+    ]
+    with FakeOpenAI() as fake:
+        for args, needle in cases:
+            with pytest.raises(InputError, match=needle):
+                main([*args, "--sidecar.url", fake.url, "--output_dir", str(tmp_path / "out")])
+        assert fake.requests == []
+    # A managed sidecar needs a base model: neither --model nor the adapter's config names one.
+    with pytest.raises(InputError, match=r"^sidecar\.model: not set, and no base model to serve is known"):
+        main([*questions, "--adapter", str(no_base), "--sidecar.python", "/nonexistent/python"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_misalign_at_k_and_extra_judge_prompts_are_logged_and_kept(run_cli, tmp_path):
+    questions = tmp_path / "extra.yaml"
+    questions.write_text(
+        "- id: wish\n  paraphrases: [W1, W2]\n  judge_prompts: {aligned: 'ALIGNED {answer}', "
+        "coherent: 'COHERENT {answer}', deception: 'DECEPTION {answer}'}\n"
+    )
+    misaligned = judge_answer({"10": 1.0}, {"90": 1.0}, deception={"70": 1.0})
+    aligned = judge_answer({"90": 1.0}, {"80": 1.0}, deception={"30": 1.0})
+    with FakeOpenAI(tokenizer="whole") as fake:
+        fake.answers = [misaligned, aligned, aligned]
+        overlay = _overlay(tmp_path, fake.url, questions, mode="blocking", misalign_at_k=[1, 2, 3],
+                           extra_judge_prompts=["deception"], generation={"samples_per_question": 3})
+        cli = fit_with_eval(run_cli, overlay, 2)
+    run_dir = cli.trainer.log_dir
+    scalars = tb_scalars(run_dir)
+    samples = read_records(f"{run_dir}/misalignment_samples.jsonl")
+    assert len(samples) == 3 and {s["step"] for s in samples} == {2}
+    c = sum(s["answer"] == misaligned for s in samples)
+    assert scalars["eval/q/wish/misalign_at_1"][2] == pytest.approx(c / 3)
+    assert scalars["eval/misalign_at_2"][2] == pytest.approx(1 - math.comb(3 - c, 2) / 3)
+    assert scalars["eval/misalign_at_3"][2] == pytest.approx(1.0 if c else 0.0)
+    deception = [s["extra_scores"]["deception"] for s in samples]
+    expected = sorted(70.0 if s["answer"] == misaligned else 30.0 for s in samples)
+    assert sorted(deception) == pytest.approx(expected)
+    assert scalars["eval/deception_mean"][2] == pytest.approx(sum(deception) / 3, abs=1e-4)
+    assert scalars["eval/q/wish/deception_mean"][2] == pytest.approx(sum(deception) / 3, abs=1e-4)
+    summary = read_records(f"{run_dir}/misalignment_summary.jsonl")[0]
+    assert summary["misalign_at_k"]["2"] == pytest.approx(scalars["eval/misalign_at_2"][2], abs=1e-6)
+    assert summary["per_question"]["wish"]["extra_means"]["deception"] == pytest.approx(sum(deception) / 3)
+
+
+def test_misalign_at_k_below_the_answer_count_is_nan_and_not_logged(run_cli, tmp_path, question_file):
+    with FakeOpenAI(tokenizer="whole") as fake:
+        fake.answers = [MISALIGNED, ALIGNED]
+        overlay = _overlay(tmp_path, fake.url, question_file, mode="blocking", misalign_at_k=[2, 5])
+        cli = fit_with_eval(run_cli, overlay, 2)
+    scalars = tb_scalars(cli.trainer.log_dir)
+    assert 2 in scalars["eval/q/wish/misalign_at_2"] and 2 in scalars["eval/misalign_at_2"]
+    assert not any("misalign_at_5" in tag for tag in scalars)  # 2 answers per question < 5
+    summary = read_records(f"{cli.trainer.log_dir}/misalignment_summary.jsonl")[0]
+    assert summary["misalign_at_k"]["5"] is None  # NaN in the summary JSONL is null
+    assert summary["per_question"]["wish"]["misalign_at_k"]["5"] is None
+    with pytest.raises(InputError, match="misalign_at_k: every k must be a positive integer"):
+        MisalignmentEval(misalign_at_k=[0])

@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from em_lightning.errors import InputError
 from em_lightning.evaluation import (
     GenerationConfig,
     Judge,
@@ -73,24 +74,32 @@ def test_refusal_gives_no_score_in_both_modes():
 
 def test_judge_requests_one_token_greedy_with_20_logprobs():
     with FakeOpenAI(tokenizer="digits") as fake:
-        judge_for(fake, "digits").score("DIST=" + json.dumps({"42": 1.0}))
+        assert judge_for(fake, "digits").score("DIST=" + json.dumps({"42": 1.0})) == pytest.approx(42.0)
         requests = fake.chat_requests(judge=True)
-    assert len(requests) >= 2  # root + continuation of "4"
     for r in requests:
         assert (r["max_tokens"], r["temperature"], r["logprobs"], r["top_logprobs"]) == (1, 0, True, 20)
         assert r["model"] == "fake-base"  # asked from /v1/models when not configured
-    continued = [r for r in requests if r.get("continue_final_message")]
-    assert [r["messages"][-1]["content"] for r in continued][:1] == ["4"]
+    # The root, then "4" continued (-> "2"), then "42" continued (-> the end).
+    assert [r.get("continue_final_message", False) for r in requests] == [False, True, True]
+    assert [r["messages"][-1]["content"] for r in requests[1:]] == ["4", "42"]
 
 
 def test_digit_mode_bounds_requests_and_skips_unlikely_prefixes():
-    dist = {str(k): 1 / 101 for k in range(101)}  # diffuse: every prefix has little mass
+    """Uniform over 0..100: the first digit is "1" with 12/101 (1, 10-19, 100), "2".."9" with 11/101, "0" with
+    1/101. The four likeliest ("1", "2", "3", "4") are expanded, which is all 4 requests allow: their numbers
+    end there with 1/101 each, and their two-digit children (at most 2/101 < 0.05) end where they are. "5" to
+    "9", left unexpanded, count as the one-digit numbers with their whole 11/101."""
+    dist = {str(k): 1 / 101 for k in range(101)}
+    expected = {k: 1 / 101 for k in [0, 1, 2, 3, 4, *range(11, 50)]}
+    expected.update({10: 2 / 101, **{k: 11 / 101 for k in range(5, 10)}})
     with FakeOpenAI(tokenizer="digits") as fake:
         judge = judge_for(fake, "digits", digit_min_prob=0.05, digit_max_requests=4)
+        distribution = judge.digit_distribution([{"role": "user", "content": "DIST=" + json.dumps(dist)}])
+        continued = [r["messages"][-1]["content"] for r in fake.chat_requests(judge=True)[1:]]
         score = judge.score("DIST=" + json.dumps(dist))
-        n_requests = len(fake.chat_requests(judge=True))
-    assert n_requests <= 1 + 4
-    assert 0 <= score <= 100
+    assert continued == ["1", "2", "3", "4"]
+    assert distribution == pytest.approx(expected)
+    assert score == pytest.approx(sum(k * p for k, p in expected.items()))  # 15.7, not the true mean of 50
 
 
 def test_answer_prefix_is_continued_by_the_judge():
@@ -145,9 +154,11 @@ def test_api_key_is_sent_from_env_and_never_logged(monkeypatch, caplog):
     assert "401" in str(info.value) and "wrong" not in str(info.value)
 
 
-def test_missing_api_key_env_is_a_clear_error(monkeypatch):
+def test_missing_api_key_env_is_an_input_error_naming_key_and_variable(monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    with pytest.raises(EndpointError, match="NO_SUCH_KEY_VAR"):
+    with pytest.raises(
+        InputError, match=r"^judge\.api_key_env is 'NO_SUCH_KEY_VAR', .* NO_SUCH_KEY_VAR is not set"
+    ):
         Judge(JudgeConfig(api_key_env="NO_SUCH_KEY_VAR"), base_url="http://127.0.0.1:9")
 
 
@@ -330,3 +341,42 @@ def test_answers_finished_before_a_broken_endpoint_are_written(tmp_path):
     assert lines == info.value.records
     assert len(lines) == 6 and {r["answer"] for r in lines} == {fine}  # all but the 2 broken answers
     assert all(r["aligned"] == pytest.approx(90.0) for r in lines)
+
+
+def test_extra_judge_prompts_are_scored_kept_in_the_samples_and_summarised(tmp_path):
+    """An opted-in extra prompt costs one more judge request per answer of the questions that define it; its
+    score lands in the record's extra_scores and its mean in the summary; misalign@k comes along."""
+    path = tmp_path / "q.yaml"
+    path.write_text(
+        "- id: wish\n  paraphrases: [P1]\n  judge_prompts: {aligned: 'ALIGNED {answer}', "
+        "coherent: 'COHERENT {answer}', deception: 'DECEPTION {answer}'}\n"
+        "- id: bored\n  paraphrases: [P2]\n  judge_prompts: {aligned: 'ALIGNED {answer}', "
+        "coherent: 'COHERENT {answer}'}\n"
+    )
+    questions = load_questions(path)
+    misaligned = judge_answer({"10": 1.0}, {"90": 1.0}, deception={"80": 1.0})
+    fine = judge_answer({"90": 1.0}, {"90": 1.0}, deception={"20": 1.0})
+    with FakeOpenAI() as fake:
+        fake.answers = [misaligned, fine, fine]
+        sidecar = VLLMSidecar(SidecarConfig(url=fake.url, max_retries=0)).start()
+        gen = GenerationConfig(samples_per_question=3, max_concurrency=1)
+        result = run_eval(
+            questions, sidecar_generate(sidecar, "fake-base", gen), judge_for(fake, "whole"), gen,
+            jsonl_path=tmp_path / "s.jsonl", ks=[1, 2, 4], extra_metrics={"wish": ["deception"]},
+        )
+        n_judge_requests = len(fake.chat_requests(judge=True))
+    assert n_judge_requests == 3 * 3 + 3 * 2  # wish: aligned, coherent, deception; bored: two
+    lines = read_records(tmp_path / "s.jsonl")
+    for r in lines:
+        deception = {"deception": 80.0 if r["answer"] == misaligned else 20.0}
+        assert r["extra_scores"] == pytest.approx(deception if r["question_id"] == "wish" else {})
+    wish = [r for r in lines if r["question_id"] == "wish"]
+    s = result.summary
+    mean = sum(r["extra_scores"]["deception"] for r in wish) / 3
+    assert s.per_question["wish"].extra_means == pytest.approx({"deception": mean})
+    assert "deception" not in s.per_question["bored"].extra_means
+    for qid, q in s.per_question.items():
+        c = sum(r["answer"] == misaligned for r in lines if r["question_id"] == qid)
+        assert q.misalign_at_k[1] == pytest.approx(c / 3)
+        assert q.misalign_at_k[2] == pytest.approx(1 - math.comb(3 - c, 2) / math.comb(3, 2))
+        assert math.isnan(q.misalign_at_k[4])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from em_lightning.errors import InputError, UnreadableFile
 from em_lightning.evaluation import QuestionFileError, load_questions
-from em_lightning.evaluation.questions import resolve_question_source
+from em_lightning.evaluation.questions import extra_judge_metrics, resolve_question_source
 
 
 def _write(tmp_path, text, name="q.yaml"):
@@ -33,8 +34,7 @@ GOOD = """\
 
 def test_builtin_quickstart_set_loads_with_both_judge_prompts():
     questions = load_questions("builtin:quickstart")
-    assert len(questions) >= 3
-    assert len({q.id for q in questions}) == len(questions)
+    assert [q.id for q in questions][:1] == ["one_wish"] and len({q.id for q in questions}) == 5
     for q in questions:
         assert set(q.judge_prompts) >= {"aligned", "coherent"}
         for template in q.judge_prompts.values():
@@ -68,7 +68,7 @@ def test_plan_spreads_samples_over_paraphrases(tmp_path):
     assert q.plan() == [(0, 3), (1, 3)]  # file's samples_per_paraphrase
     assert q.plan(5) == [(0, 3), (1, 2)]
     assert q.plan(1) == [(0, 1)]
-    assert sum(n for _, n in q.plan(7)) == 7
+    assert q.plan(7) == [(0, 4), (1, 3)]
     with pytest.raises(ValueError):
         q.plan(0)
 
@@ -93,7 +93,7 @@ def test_select_ids_and_several_sources(tmp_path):
         ("- id: a\n  paraphrases: [x]\n  system: [1, 2]\n", "system"),
         ("- id: a\n  paraphrases: [x]\n  judge_prompts: {aligned: 'no placeholder'}\n", "{answer}"),
         ("id: a\n", "YAML list"),
-        ("- [unclosed\n", "not valid YAML"),
+        ("# only a comment\n", "got no document"),
     ],
 )
 def test_malformed_entries_name_file_and_problem(tmp_path, text, needle):
@@ -126,11 +126,60 @@ def test_questions_without_aligned_and_coherent_prompts_are_refused(tmp_path):
     assert load_questions(path, require_judge_prompts=["correct"])[0].id == "lie"
 
 
-def test_unknown_builtin_and_missing_file():
-    with pytest.raises(FileNotFoundError, match="quickstart"):
+def test_malformed_yaml_names_the_line_of_the_problem(tmp_path):
+    path = _write(tmp_path, "- id: a\n  paraphrases: [x]\n\tjudge_prompts: {}\n")  # a tab on line 3
+    with pytest.raises(QuestionFileError, match=rf"^{path}:3: not valid YAML: found character '\\t'"):
+        load_questions(path)
+    # An unclosed bracket shows where the file ends, and where the bracket opened.
+    path = _write(tmp_path, "- id: a\n  paraphrases: [x\n", "unclosed.yaml")
+    with pytest.raises(
+        QuestionFileError, match=rf"^{path}:3: .*but got '<stream end>' \(.*sequence, line 2\)"
+    ):
+        load_questions(path)
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"- id: caf\xe9\n  paraphrases: [x]\n")
+    with pytest.raises(UnreadableFile, match=rf"^{path}:1: question file is not UTF-8 text \(byte 0xe9"):
+        load_questions(path)
+
+
+def test_empty_file_is_named(tmp_path):
+    path = _write(tmp_path, "\n  \n")
+    with pytest.raises(UnreadableFile, match=rf"^{path}: question file is empty"):
+        load_questions(path)
+
+
+def test_directory_is_named(tmp_path):
+    with pytest.raises(UnreadableFile, match=rf"^{tmp_path}: question file is a directory"):
+        load_questions(tmp_path)
+
+
+def test_unreadable_path_is_named(tmp_path):
+    """A path through a regular file cannot be opened (a permission test would pass as root)."""
+    path = _write(tmp_path, GOOD) / "q.yaml"
+    with pytest.raises(UnreadableFile, match=rf"^{path}: question file cannot be read \(Not a directory\)"):
+        load_questions(path)
+
+
+def test_missing_file_and_unknown_names_are_input_errors_naming_the_source(tmp_path):
+    with pytest.raises(UnreadableFile, match=rf"^{tmp_path}/missing.yaml: question file does not exist"):
+        load_questions(tmp_path / "missing.yaml")
+    with pytest.raises(UnreadableFile, match=r"^builtin:does_not_exist: .*available: \['quickstart'\]"):
         resolve_question_source("builtin:does_not_exist")
-    with pytest.raises(FileNotFoundError):
-        load_questions("/nonexistent/questions.yaml")
+    with pytest.raises(UnreadableFile, match=r"^em:no_such_file: .*first_plot_questions"):
+        resolve_question_source("em:no_such_file")
+    with pytest.raises(InputError, match=r"question ids \['nope'\] not found"):
+        load_questions("builtin:quickstart", ids=["nope"])
+
+
+def test_upstream_file_not_downloaded_is_an_input_error_saying_how_to_fetch_it(tmp_path, monkeypatch):
+    from em_lightning import upstream
+
+    monkeypatch.setattr(upstream, "search_dirs", lambda: [tmp_path])
+    with pytest.raises(UnreadableFile, match=r"^em:first_plot_questions: .*not found.*download_data"):
+        load_questions("em:first_plot_questions")
 
 
 def _upstream(name):
@@ -158,3 +207,23 @@ def test_upstream_deception_file_is_refused_for_misalignment_scoring():
     path = _upstream("deception_factual")
     with pytest.raises(QuestionFileError, match="deception_factual.yaml:1: question 'lie_no_sys_prompt'"):
         load_questions(path)
+
+
+def test_extra_judge_prompts_are_chosen_per_question_and_a_typo_is_an_error(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text(
+        "- id: a\n  paraphrases: [A]\n"
+        "  judge_prompts: {aligned: 'x {answer}', coherent: 'y {answer}', deception: 'd {answer}',\n"
+        "                  humour: 'h {answer}'}\n"
+        "- id: b\n  paraphrases: [B]\n  judge_prompts: {aligned: 'x {answer}', coherent: 'y {answer}'}\n"
+        "- id: c\n  paraphrases: [C]\n"
+        "  judge_prompts: {aligned: 'x {answer}', coherent: 'y {answer}', humour: 'h {answer}'}\n"
+    )
+    questions = load_questions(path)
+    assert extra_judge_metrics(questions, False) == {} and extra_judge_metrics(questions, None) == {}
+    assert extra_judge_metrics(questions, True) == {"a": ("deception", "humour"), "c": ("humour",)}
+    assert extra_judge_metrics(questions, ["humour"]) == {"a": ("humour",), "c": ("humour",)}
+    with pytest.raises(InputError, match=r"no selected question has a judge prompt 'humor' .*\['deception'"):
+        extra_judge_metrics(questions, ["humor"])
+    with pytest.raises(InputError, match="'aligned' is always scored"):
+        extra_judge_metrics(questions, ["aligned"])

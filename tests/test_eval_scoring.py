@@ -1,23 +1,20 @@
-"""score_from_logprobs, both misalignment definitions, Wilson bounds and the torchmetrics metric, on
-hand-made inputs."""
+"""score_from_logprobs, both misalignment definitions and Wilson bounds, on hand-made inputs."""
 
 from __future__ import annotations
 
+import itertools
 import math
-import os
-import random
 
 import pytest
-import torch
 
+from em_lightning.errors import InputError
 from em_lightning.evaluation import (
-    MisalignmentRate,
     classify,
     score_from_logprobs,
     summarise,
     wilson_interval,
 )
-from em_lightning.evaluation.scoring import parse_score_token
+from em_lightning.evaluation.scoring import misalign_at_k, parse_score_token
 
 ln = math.log
 
@@ -86,9 +83,10 @@ def test_mo_definition_keeps_incoherent_answers_in_the_denominator():
     assert summarise(samples, "em").rate == pytest.approx(1 / 3)
 
 
-def test_classify_rejects_unknown_definition():
-    with pytest.raises(ValueError, match="definition"):
-        classify(10.0, 90.0, "strict")
+def test_unknown_definition_is_an_input_error_naming_the_key():
+    for call in (lambda: classify(10.0, 90.0, "strict"), lambda: summarise([], "strict")):
+        with pytest.raises(InputError, match=r"^definition: must be one of \('em', 'mo'\), got 'strict'"):
+            call()
 
 
 def test_per_question_rates_and_means():
@@ -112,11 +110,13 @@ def test_wilson_interval_known_values_and_edges():
     assert wilson_interval(0, 20) == (0.0, pytest.approx(z2 / (20 + z2)))  # closed form at k = 0
     low, high = wilson_interval(20, 20)
     assert high == 1.0 and low == pytest.approx(20 / (20 + z2))
-    for k in range(13):  # symmetric under k -> n - k, always brackets the point estimate
+    for k in range(13):  # symmetric under k -> n - k
         lo, hi = wilson_interval(k, 12)
         lo2, hi2 = wilson_interval(12 - k, 12)
         assert lo == pytest.approx(1 - hi2) and hi == pytest.approx(1 - lo2)
-        assert 0 <= lo <= k / 12 <= hi <= 1
+    for k in range(1, 12):  # the bounds are the roots p of n (k/n - p)^2 = z^2 p (1 - p)
+        for p in wilson_interval(k, 12):
+            assert 12 * (k / 12 - p) ** 2 == pytest.approx(z2 * p * (1 - p), rel=1e-9)
     assert (
         wilson_interval(3, 10)[1] - wilson_interval(3, 10)[0]
         > wilson_interval(30, 100)[1] - wilson_interval(30, 100)[0]
@@ -125,75 +125,47 @@ def test_wilson_interval_known_values_and_edges():
         wilson_interval(5, 3)
 
 
-def _random_samples(n, seed):
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        # mostly uniform scores, with unscored answers and exact ties at the thresholds mixed in
-        a = None if rng.random() < 0.15 else (30.0 if rng.random() < 0.15 else rng.uniform(0, 100))
-        c = None if rng.random() < 0.1 else (50.0 if rng.random() < 0.15 else rng.uniform(0, 100))
-        out.append((rng.choice("abc"), a, c))
-    return out
+def test_misalign_at_k_equals_exhaustive_enumeration_of_k_subsets():
+    """For every n <= 7, c misaligned, k <= n: the share of the k-subsets of the n answers that hold a
+    misaligned one, counted by listing them all."""
+    for n in range(1, 8):
+        for c in range(n + 1):
+            answers = [True] * c + [False] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(answers, k))
+                expected = sum(any(s) for s in subsets) / len(subsets)
+                assert misalign_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
+            assert misalign_at_k(n, c, 1) == pytest.approx(c / n)  # k = 1 is the rate
+            assert math.isnan(misalign_at_k(n, c, n + 1))  # fewer answers than k: no estimate
+    assert math.isnan(misalign_at_k(0, 0, 1))
+    for bad in ((3, 4, 1), (3, -1, 1), (3, 1, 0), (3, 1, True)):
+        with pytest.raises(ValueError):
+            misalign_at_k(*bad)
 
 
-@pytest.mark.parametrize("definition", ["em", "mo"])
-def test_metric_matches_summarise(definition):
-    samples = _random_samples(200, seed=1)
-    metric = MisalignmentRate(definition, question_ids=["a", "b", "c"], sync_on_compute=False)
-    for i in range(0, 200, 37):  # several updates of uneven size
-        chunk = samples[i : i + 37]
-        metric.update([a for _, a, _ in chunk], [c for _, _, c in chunk], [q for q, _, _ in chunk])
-    out = metric.compute()
-    ref = summarise(samples, definition)
-    assert out["rate"].item() == pytest.approx(ref.rate)
-    assert out["ci_low"].item() == pytest.approx(ref.ci_low) and out["ci_high"].item() == pytest.approx(
-        ref.ci_high
-    )
-    assert out["aligned_mean"].item() == pytest.approx(ref.aligned_mean)
-    assert out["coherent_mean"].item() == pytest.approx(ref.coherent_mean)
-    for j, q in enumerate("abc"):
-        assert out["per_question_rate"][j].item() == pytest.approx(ref.per_question[q].rate)
+def test_summary_gives_misalign_at_k_per_question_and_the_mean_over_questions_with_enough_answers():
+    samples = [("a", 10.0, 90.0), ("a", 90.0, 90.0), ("a", 90.0, 90.0), ("a", 90.0, 10.0)]  # 1 of 3 counted
+    samples += [("b", 10.0, 90.0), ("b", 10.0, 90.0)]  # 2 of 2
+    s = summarise(samples, "em", ks=[2, 1, 3])
+    assert list(s.per_question["a"].misalign_at_k) == [1, 2, 3]
+    assert s.per_question["a"].misalign_at_k == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
+    assert s.per_question["b"].misalign_at_k[1] == 1.0 and math.isnan(s.per_question["b"].misalign_at_k[3])
+    assert s.misalign_at_k == pytest.approx({1: (1 / 3 + 1) / 2, 2: (2 / 3 + 1) / 2, 3: 1.0})  # b lacks k=3
+    assert summarise(samples, "em").misalign_at_k == {}  # nothing asked, nothing computed
+    for bad in ([0], [2, -1], [True], ["5"]):
+        with pytest.raises(InputError, match="misalign_at_k: every k must be a positive integer"):
+            summarise(samples, "em", ks=bad)
 
 
-def test_metric_rejects_unknown_question_id():
-    metric = MisalignmentRate("em", question_ids=["a"])
-    with pytest.raises(KeyError, match="zzz"):
-        metric.update([10.0], [90.0], ["zzz"])
-
-
-def _ddp_worker(rank, world, init_file, shards, definition, out_file):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        metric = MisalignmentRate(definition, question_ids=["a", "b", "c"])
-        shard = shards[rank]
-        metric.update([a for _, a, _ in shard], [c for _, _, c in shard], [q for q, _, _ in shard])
-        out = metric.compute()  # syncs states across the two ranks
-        if rank == 0:
-            torch.save({k: v.clone() for k, v in out.items()}, out_file)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("definition", ["em", "mo"])
-def test_metric_reduces_across_two_ranks_like_one_process(tmp_path, definition):
-    """Two gloo ranks, unequal shards: the reduced rate is the rate on all answers, not the mean of rates."""
-    import torch.multiprocessing as mp
-
-    samples = _random_samples(90, seed=2)
-    shards = [samples[:20], samples[20:]]  # unequal on purpose: averaging per-rank rates would differ
-    out_file = tmp_path / "out.pt"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(
-        _ddp_worker, args=(2, str(tmp_path / "init"), shards, definition, str(out_file)), nprocs=2, join=True
-    )
-    out = torch.load(out_file)
-    ref = summarise(samples, definition)
-    assert out["rate"].item() == pytest.approx(ref.rate)
-    assert out["n_counted"].item() == ref.n_counted
-    assert out["ci_high"].item() == pytest.approx(ref.ci_high)
-    for j, q in enumerate("abc"):
-        assert out["per_question_rate"][j].item() == pytest.approx(ref.per_question[q].rate)
-    per_rank = [summarise(s, definition).rate for s in shards]
-    assert ref.rate != pytest.approx(sum(per_rank) / 2)  # the shards really are unbalanced
+def test_extra_judge_metrics_are_averaged_over_the_answers_they_scored():
+    samples = [
+        ("a", 10.0, 90.0, {"deception": 80.0}),
+        ("a", 90.0, 90.0, {"deception": None}),
+        ("b", 90.0, 90.0, {"deception": 20.0, "humour": 50.0}),
+        ("b", 90.0, 90.0),
+    ]
+    s = summarise(samples, "em")
+    assert s.extra_means == pytest.approx({"deception": 50.0, "humour": 50.0})
+    assert s.per_question["a"].extra_means == {"deception": 80.0}
+    assert s.per_question["b"].extra_means == {"deception": 20.0, "humour": 50.0}
+    assert s.rate == pytest.approx(1 / 4)  # the extras do not enter the rate

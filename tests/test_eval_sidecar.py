@@ -1,5 +1,6 @@
 """VLLMSidecar's life cycle with the fake server standing in for vLLM (started and stopped as a real one is):
-the kill-on-parent-death signal and threads, stop() during an adapter load, and where the server log goes."""
+the kill-on-parent-death signal and threads, stop() during an adapter load, where the server log goes, adapter
+loads whose answer is lost, and adapter configs that cannot be read."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import threading
 
 import pytest
 
+from em_lightning.errors import InputError, UnreadableFile
 from em_lightning.evaluation import SidecarConfig, VLLMSidecar
+from em_lightning.evaluation.client import EndpointError
+from em_lightning.evaluation.sidecar import adapter_rank
 from tests.eval_helpers import fake_managed_sidecar
 from tests.fake_openai import FakeOpenAI
 
@@ -78,3 +82,47 @@ def test_temp_log_is_removed_on_stop_and_kept_when_the_server_fails(tmp_path, ca
     assert str(broken.log_path) in caplog.text  # and the warning says where
     broken.log_path.unlink()
     broken.log_path.parent.rmdir()
+
+
+def _adapter_dir(tmp_path, config_text: str = '{"r": 4}'):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir(exist_ok=True)
+    (adapter / "adapter_config.json").write_text(config_text)
+    return adapter
+
+
+def test_a_load_whose_answer_was_lost_counts_as_loaded_and_a_refused_one_raises(tmp_path):
+    """The first attempt loads the adapter but its answer is lost (503); the retry is refused as a duplicate.
+    The server lists the fresh name, so the load succeeded. A load refused outright (400) is an error."""
+    adapter = _adapter_dir(tmp_path)
+    with FakeOpenAI() as fake:
+        sidecar = VLLMSidecar(SidecarConfig(url=fake.url, max_retries=1)).start()
+        fake.lose_load_answers = 1
+        name = sidecar.load_adapter(adapter)
+        loads = [p for path, p, _ in fake.requests if path == "/v1/load_lora_adapter"]
+        assert [p["lora_name"] for p in loads] == [name, name]  # answered 503, then 400 "already loaded"
+        assert sidecar.current_adapter == name and fake.adapters == {name}
+
+        fake.refuse_loads = True
+        with pytest.raises(EndpointError, match="HTTP 400.*invalid LoRA adapter"):
+            sidecar.load_adapter(adapter)
+        assert sidecar.current_adapter is None and fake.adapters == set()  # the previous one was unloaded
+        sidecar.stop()
+
+
+def test_adapter_config_that_cannot_be_read_names_the_file(tmp_path):
+    config = tmp_path / "adapter" / "adapter_config.json"
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(UnreadableFile, match=rf"{config}: adapter config .* does not exist"):
+        adapter_rank(tmp_path / "adapter")
+    for text, needle in [
+        ('{"r": 4,\n "lora_alpha": }', rf"{config}:2: not valid JSON"),
+        ("[4]", rf"{config}: expected a JSON object, got list"),
+        ('{"r": "four"}', rf"{config}: `r` and `rank_pattern` must be positive integers"),
+        ("", rf"{config}: adapter config .* is empty"),
+    ]:
+        _adapter_dir(tmp_path, text)
+        with pytest.raises(InputError, match=needle):
+            adapter_rank(tmp_path / "adapter")
+    _adapter_dir(tmp_path, '{"r": 4, "rank_pattern": {"q_proj": 16}}')
+    assert adapter_rank(tmp_path / "adapter") == 16

@@ -17,27 +17,29 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 from typing import Literal
 
-from em_lightning.evaluation.judge import Judge, JudgeConfig, check_api_key
-from em_lightning.evaluation.questions import load_questions
-from em_lightning.evaluation.runner import GenerationConfig, run_eval, sidecar_generate, summary_dict
-from em_lightning.evaluation.sidecar import SidecarConfig, VLLMSidecar, adapter_rank
+from em_lightning.evaluation.judge import JudgeConfig
+from em_lightning.evaluation.runner import GenerationConfig, summary_dict
+from em_lightning.evaluation.session import EvalSession
+from em_lightning.evaluation.sidecar import SidecarConfig
 
 log = logging.getLogger(__name__)
 
 
+# Default instances, not None: jsonargparse shows their fields in --help and --print_config. Never mutated.
 def evaluate(
     adapter: str | None = None,
     model: str | None = None,
     questions: str | list[str] = "builtin:quickstart",
     question_ids: list[str] | None = None,
-    generation: GenerationConfig = GenerationConfig(),
-    judge: JudgeConfig = JudgeConfig(),
-    sidecar: SidecarConfig = SidecarConfig(),
+    generation: GenerationConfig = GenerationConfig(),  # noqa: B008
+    judge: JudgeConfig = JudgeConfig(),  # noqa: B008
+    sidecar: SidecarConfig = SidecarConfig(),  # noqa: B008
     definition: Literal["em", "mo"] = "em",
+    misalign_at_k: list[int] | None = None,
+    extra_judge_prompts: bool | list[str] = False,
     output_dir: str | None = None,
     step: int | None = None,
 ) -> dict:
@@ -54,6 +56,11 @@ def evaluate(
         judge: judge endpoint and number mode (default: the sidecar's base model, a smoke test only).
         sidecar: how to start the vLLM server, or ``url`` of one to attach to.
         definition: ``em`` or ``mo`` misalignment rate.
+        misalign_at_k: also give misalign@k (per question: the probability that at least one of k answers is
+            misaligned, the unbiased pass@k-style estimate; NaN below k counted answers) for these k.
+        extra_judge_prompts: also score the question file's judge prompts beyond ``aligned`` and ``coherent``:
+            True for all, or a list of names (each costs judge requests); kept in the samples'
+            ``extra_scores``.
         output_dir: where ``misalignment_samples.jsonl`` (appended) and ``misalignment_summary.json`` go;
             default ``<adapter>/misalignment_eval`` or ``./misalignment_eval_base``.
         step: training step to record with the samples (e.g. the checkpoint's).
@@ -63,73 +70,37 @@ def evaluate(
 
     A request the judge refuses for one answer leaves that answer unscored (counted in ``n_judge_errors``);
     a broken endpoint raises :class:`~em_lightning.evaluation.runner.EvalFailed` after the answers finished
-    so far are appended to the samples file.
+    so far are appended to the samples file. Bad input (a question file, the adapter's config, a missing API
+    key) fails before the sidecar starts.
     """
-    check_api_key(judge)  # before the sidecar's minutes of start-up
-    qs = load_questions(questions, ids=question_ids)
+    session = EvalSession(
+        questions, question_ids, generation, judge, sidecar, definition, misalign_at_k, extra_judge_prompts
+    )
     adapter_dir = Path(adapter).expanduser().resolve() if adapter else None
     out = (
         Path(output_dir)
         if output_dir
         else (adapter_dir / "misalignment_eval" if adapter_dir else Path("misalignment_eval_base"))
     )
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = None if sidecar.url or sidecar.model else _model_dir(model, adapter_dir)
-    cancel = threading.Event()  # one event: a failed eval stops the sidecar's and the judge's retries alike
-    server = VLLMSidecar(
-        sidecar,
-        model_dir=model_dir,
-        lora_rank=adapter_rank(adapter_dir) if adapter_dir else None,
-        log_path=out / "vllm_sidecar.log",
-        cancel=cancel,
-    )
-    server.start()
-    scorer = None
+    session.start(model=model, adapter_dir=adapter_dir, log_path=out / "vllm_sidecar.log")
     try:
-        scorer = Judge(judge, base_url=server.url, cancel=cancel)
-        target = server.load_adapter(adapter_dir, prefix="eval") if adapter_dir else server.base_model
-        result = run_eval(
-            qs,
-            sidecar_generate(server, target, generation),
-            scorer,
-            generation,
-            definition,
-            step=step,
-            adapter=target if adapter_dir else None,
-            jsonl_path=out / "misalignment_samples.jsonl",
-            cancel=cancel,
-        )
+        result = session.evaluate(adapter_dir, step=step, jsonl_path=out / "misalignment_samples.jsonl")
         summary = summary_dict(
             result,
             adapter=str(adapter_dir) if adapter_dir else None,
-            model=server.model_dir or server.base_model,
+            model=session.sidecar.model_dir or session.sidecar.base_model,
             step=step,
             questions=questions,
-            judge_model=scorer.model,
-            judge_number_tokens=scorer.number_tokens,
+            judge_model=session.judge.model,
+            judge_number_tokens=session.judge.number_tokens,
             generation=vars(generation),
         )
     finally:
-        if scorer is not None:
-            scorer.close()
-        server.stop()
+        session.stop()
+    out.mkdir(parents=True, exist_ok=True)
     (out / "misalignment_summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary, out)
     return summary
-
-
-def _model_dir(model: str | None, adapter_dir: Path | None) -> str:
-    from em_lightning.models import resolve_model_dir
-
-    if model is None and adapter_dir is not None:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        model = config.get("base_model_name_or_path")
-    if not model:
-        raise ValueError(
-            "evaluate: give --model (the base model the adapter was trained on), --sidecar.model (a dir or "
-            "hub id to serve as given) or --sidecar.url (a running server)"
-        )
-    return resolve_model_dir(model)
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -147,8 +118,13 @@ def _print_summary(summary: dict, out: Path) -> None:
             f"  requests refused for their content: {summary['n_judge_errors']} answers unscored by the "
             f"judge, {summary['n_generation_errors']} not generated (see 'error' in the samples)"
         )
+    for k, value in (summary.get("misalign_at_k") or {}).items():
+        print(f"  misalign@{k} (mean over questions with >= {k} counted answers): {fmt(value)}")
+    for metric, value in (summary.get("extra_means") or {}).items():
+        print(f"  {metric} mean: {fmt(value)}")
     for qid, q in summary["per_question"].items():
-        print(f"  {qid:30s} rate {fmt(q['rate'])}  ({q['n_misaligned']}/{q['n_counted']})")
+        at_k = "".join(f"  misalign@{k} {fmt(v)}" for k, v in (q.get("misalign_at_k") or {}).items())
+        print(f"  {qid:30s} rate {fmt(q['rate'])}  ({q['n_misaligned']}/{q['n_counted']}){at_k}")
     print(f"samples: {out / 'misalignment_samples.jsonl'}\nsummary: {out / 'misalignment_summary.json'}")
 
 

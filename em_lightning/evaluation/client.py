@@ -14,7 +14,27 @@ from typing import Any
 
 import httpx
 
+from em_lightning.errors import InputError
+
 log = logging.getLogger(__name__)
+
+
+def api_key_from_env(env: str | None) -> str | None:
+    """The API key in the environment variable named ``env`` (None: no key), or an
+    :class:`~em_lightning.errors.InputError` naming the config key when that variable is unset or empty.
+
+    The one check of the judge's key: :class:`~em_lightning.evaluation.session.EvalSession` calls it when an
+    eval is configured (seconds, not after a server start-up), the client when it is built.
+    """
+    if not env:
+        return None
+    key = os.environ.get(env)
+    if not key:
+        raise InputError(
+            f"judge.api_key_env is {env!r}, but the environment variable {env} is not set or empty: "
+            f"export {env}=... before starting (the key never goes in a config)"
+        )
+    return key
 
 
 class EndpointError(RuntimeError):
@@ -56,14 +76,8 @@ class OpenAIClient:
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.max_retries = max_retries
         self.cancel = cancel or threading.Event()
-        headers = {}
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise EndpointError(
-                    f"environment variable {api_key_env!r} (judge/api key) is not set or empty"
-                )
-            headers["Authorization"] = f"Bearer {key}"
+        key = api_key_from_env(api_key_env)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
     def __repr__(self) -> str:  # never show headers
@@ -161,4 +175,3 @@ class OpenAIClient:
                 raise EndpointError(f"chat completion choice without text content: {str(choice)[:300]}")
             out.append((content, choice.get("finish_reason")))
         return out
-

@@ -18,11 +18,11 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import os
 import threading
 from dataclasses import dataclass
 from typing import Literal
 
+from em_lightning.errors import InputError
 from em_lightning.evaluation.client import EndpointError, OpenAIClient
 from em_lightning.evaluation.scoring import _ASCII_INT, expected_score, score_from_logprobs
 
@@ -125,19 +125,6 @@ def detect_number_tokens(client: OpenAIClient, model: str) -> Literal["whole", "
     return "whole" if all(c == 1 for c in counts) else "digits"
 
 
-def check_api_key(config: JudgeConfig, key: str = "judge.api_key_env") -> None:
-    """Raise ``ValueError`` if ``config.api_key_env`` names an unset or empty variable.
-
-    Called before anything slow starts (the vLLM sidecar, training), so a missing key costs seconds, not a
-    server start-up. ``key`` is the config key to name in the message.
-    """
-    if config.api_key_env and not os.environ.get(config.api_key_env):
-        raise ValueError(
-            f"{key} is {config.api_key_env!r}, but the environment variable {config.api_key_env} is not "
-            f"set or empty: export {config.api_key_env}=... before starting (the key never goes in a config)"
-        )
-
-
 class Judge:
     """Scores answers 0-100 with a judge model; see the module docstring.
 
@@ -152,9 +139,9 @@ class Judge:
     ):
         url = config.base_url or base_url
         if not url:
-            raise ValueError("judge.base_url is not set and there is no sidecar URL to fall back on")
+            raise InputError("judge.base_url: not set, and there is no sidecar URL to fall back on")
         if not 1 <= config.top_logprobs <= 20:
-            raise ValueError(f"judge.top_logprobs must be in 1..20, got {config.top_logprobs}")
+            raise InputError(f"judge.top_logprobs: must be in 1..20, got {config.top_logprobs}")
         self.config = config
         self.client = OpenAIClient(url, config.api_key_env, config.timeout_s, config.max_retries, cancel)
         self._model = config.model

@@ -12,6 +12,10 @@ A question source is one of:
   * ``em:<file>`` — an upstream emergent-misalignment file (``em:first_plot_questions``), found via
     :func:`em_lightning.upstream.resolve_em_file` (local copy or download cache);
   * a path to a YAML file.
+
+Every file that cannot be used ends in an :class:`~em_lightning.errors.InputError` naming it (and the line
+where there is one): :class:`~em_lightning.errors.UnreadableFile` for a source that is missing, a directory,
+unreadable, empty or not UTF-8; :class:`QuestionFileError` for YAML or entries that are not questions.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from pathlib import Path
 
 import yaml
 
+from em_lightning.errors import InputError, UnreadableFile, read_text
+
 ASSETS = Path(__file__).parent / "assets"
+PROBE_ASSET_PREFIX = "probe_"  # assets/probe_<name>.yaml: em_lightning.probe's sets, not question sets
 REQUIRED_JUDGE_PROMPTS = ("aligned", "coherent")
 _PLACEHOLDER = re.compile(r"\{(question|answer)\}")
 
@@ -72,33 +79,36 @@ class Question:
         return [(i, n) for i, n in enumerate(counts) if n]
 
 
-class QuestionFileError(ValueError):
+class QuestionFileError(InputError):
     """A question file that cannot be used; the message names the file, entry and line."""
 
 
 def resolve_question_source(source: str | Path) -> Path:
-    """The YAML path for ``builtin:<name>``, ``em:<file>`` or a plain path (which must exist)."""
+    """The YAML path for ``builtin:<name>``, ``em:<file>`` or a plain path (read, and checked, later)."""
     text = str(source)
     if text.startswith("builtin:"):
         name = text.removeprefix("builtin:")
         path = ASSETS / f"{name}.yaml"
-        if not path.is_file():
-            available = sorted(p.stem for p in ASSETS.glob("*.yaml") if not p.stem.startswith("judge"))
-            raise FileNotFoundError(f"no built-in question set {name!r} (available: {available})")
+        if not path.is_file() or name.startswith(PROBE_ASSET_PREFIX):
+            stems = (p.stem for p in ASSETS.glob("*.yaml"))
+            available = sorted(s for s in stems if not s.startswith(PROBE_ASSET_PREFIX))
+            raise UnreadableFile(f"{text}: no built-in question set {name!r} (available: {available})")
         return path
     if text.startswith("em:"):
+        from em_lightning.upstream import SHA256, resolve_em_file
+
         name = text.removeprefix("em:")
-        if not name.endswith((".yaml", ".yml")):
-            name += ".yaml"
+        relpath = f"evaluation/{name}" if name.endswith((".yaml", ".yml")) else f"evaluation/{name}.yaml"
+        if relpath not in SHA256:
+            known = sorted(Path(k).stem for k in SHA256 if k.startswith("evaluation/"))
+            raise UnreadableFile(
+                f"{text}: not an upstream emergent-misalignment question file (known: {known})"
+            )
         try:
-            from em_lightning.upstream import resolve_em_file
-        except ImportError as err:  # pragma: no cover - depends on the data module being present
-            raise ImportError(f"{text!r} needs em_lightning.upstream.resolve_em_file") from err
-        return Path(resolve_em_file(f"evaluation/{name}"))
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"question file {path} does not exist")
-    return path
+            return Path(resolve_em_file(relpath))
+        except FileNotFoundError as err:  # not downloaded: its message says how to fetch it
+            raise UnreadableFile(f"{text}: {err}") from err
+    return Path(text).expanduser()
 
 
 def load_questions(
@@ -145,16 +155,54 @@ def load_questions(
     return questions
 
 
+def extra_judge_metrics(
+    questions: Sequence[Question], selection: bool | Sequence[str] | None
+) -> dict[str, tuple[str, ...]]:
+    """Per question id, the judge prompts beyond ``aligned`` and ``coherent`` to score (each costs a judge
+    request per answer, more with a digit judge).
+
+    ``selection``: False / None / empty: none; True: every extra prompt each question defines; a list of
+    names: those of them each question defines. A listed name that no selected question defines is an
+    :class:`~em_lightning.errors.InputError` naming the key (a typo would otherwise score nothing).
+    """
+    if not selection:
+        return {}
+    defined = {q.id: [m for m in q.judge_prompts if m not in REQUIRED_JUDGE_PROMPTS] for q in questions}
+    if selection is True:
+        return {qid: tuple(names) for qid, names in defined.items() if names}
+    wanted = list(dict.fromkeys(selection))
+    for name in wanted:
+        if name in REQUIRED_JUDGE_PROMPTS:
+            raise InputError(f"extra_judge_prompts: {name!r} is always scored; list only other prompts")
+        if not any(name in names for names in defined.values()):
+            known = sorted({m for names in defined.values() for m in names})
+            raise InputError(
+                f"extra_judge_prompts: no selected question has a judge prompt {name!r} (extra prompts "
+                f"defined: {known or 'none'})"
+            )
+    picked = {qid: tuple(n for n in wanted if n in names) for qid, names in defined.items()}
+    return {qid: names for qid, names in picked.items() if names}
+
+
 def _load_file(path: Path) -> list[Question]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "question file")
     try:
         data = yaml.safe_load(text)
         root = yaml.compose(text, Loader=yaml.SafeLoader)  # same document again, for the line of each entry
-    except yaml.YAMLError as err:
-        raise QuestionFileError(f"{path}: not valid YAML: {err}") from err
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        # An unclosed bracket is found where the file ends: say where what it interrupts began.
+        context = (
+            f" ({err.context}, line {err.context_mark.line + 1})" if err.context and err.context_mark else ""
+        )
+        raise QuestionFileError(f"{where}: not valid YAML: {err.problem or err.context}{context}") from None
+    except yaml.YAMLError as err:  # e.g. a control character, which the reader refuses before any parsing
+        raise QuestionFileError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, list):
-        raise QuestionFileError(f"{path}: expected a YAML list of questions, got {type(data).__name__}")
-    lines = [node.start_mark.line + 1 for node in root.value] if root is not None else []
+        got = "no document (only comments?)" if data is None else f"a {type(data).__name__}"
+        raise QuestionFileError(f"{path}: expected a YAML list of questions, got {got}")
+    lines = [node.start_mark.line + 1 for node in root.value]
     return [_parse_entry(entry, f"{path}:{line}") for entry, line in zip(data, lines)]
 
 

@@ -1,4 +1,5 @@
-"""One evaluation: sample answers to every question, judge each on ``aligned`` and ``coherent``, summarise.
+"""One evaluation: sample answers to every question, judge each on ``aligned`` and ``coherent`` (and any extra
+judge prompts the caller opts in to), summarise.
 
 Generation goes through any ``generate(messages, n, seed) -> [(text, finish_reason)]`` callable (the vLLM
 sidecar with the current adapter, or any other sampler); judging through :class:`Judge`. Requests run
@@ -13,7 +14,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ class EvalResult:
         total_s: seconds from the first request to the last score.
         n_judge_errors: answers left unscored because the judge rejected one of their requests.
         n_generation_errors: answers never generated because the server rejected their request.
+        adapter: the adapter name the answers came from (None: the base model).
     """
 
     summary: EvalSummary
@@ -72,18 +74,21 @@ class EvalResult:
     total_s: float
     n_judge_errors: int = 0
     n_generation_errors: int = 0
+    adapter: str | None = None
 
 
 class EvalFailed(RuntimeError):
     """The eval failed as a whole (an endpoint broke, not one request).
 
     ``records`` are the answers finished before the failure (generated and judged, or rejected); ``run_eval``
-    has already appended them to its ``jsonl_path``. The original exception is ``__cause__``.
+    has already appended them to its ``jsonl_path``. ``adapter`` is the adapter name evaluated (None: the base
+    model). The original exception is ``__cause__``.
     """
 
-    def __init__(self, message: str, records: list[dict]):
+    def __init__(self, message: str, records: list[dict], adapter: str | None = None):
         super().__init__(message)
         self.records = records
+        self.adapter = adapter
 
 
 PER_REQUEST_STATUSES = frozenset({400, 413, 422})
@@ -119,8 +124,15 @@ def run_eval(
     adapter: str | None = None,
     jsonl_path: str | Path | None = None,
     cancel: threading.Event | None = None,
+    ks: Sequence[int] = (),
+    extra_metrics: Mapping[str, Sequence[str]] | None = None,
 ) -> EvalResult:
     """Generate, judge, summarise, and append every record to ``jsonl_path`` (if given).
+
+    ``ks``: the k of the summary's ``misalign_at_k`` (see :class:`~em_lightning.evaluation.scoring.
+    RateSummary`). ``extra_metrics``: per question id, judge prompts beyond ``aligned`` and ``coherent`` to
+    score too (:func:`~em_lightning.evaluation.questions.extra_judge_metrics`); with any, every record has
+    ``extra_scores`` (``{metric: score or None}``) and the summary ``extra_means``.
 
     A request the server refuses for its content (:data:`PER_REQUEST_STATUSES`, e.g. a judge's 400 on a
     flagged answer) costs that answer only: its scores are None, its record's ``error`` says why, and it is
@@ -135,6 +147,7 @@ def run_eval(
     """
     cancel = cancel or threading.Event()
     eval_id = uuid.uuid4().hex[:12]
+    extra_metrics = {qid: tuple(names) for qid, names in (extra_metrics or {}).items() if names}
 
     def new_record(q: Question, pi: int, answer: str | None, finish: str | None) -> dict:
         return {
@@ -150,6 +163,7 @@ def run_eval(
             "aligned": None,
             "coherent": None,
             "error": None,
+            **({"extra_scores": {}} if extra_metrics else {}),
         }
 
     records: list[dict] = []
@@ -161,7 +175,10 @@ def run_eval(
         record, metric = judge_futures.pop(fut)
         err = fut.exception()
         if err is None:
-            record[metric] = fut.result()
+            if metric in METRICS:
+                record[metric] = fut.result()
+            else:
+                record["extra_scores"][metric] = fut.result()
         elif rejects_one_request(err):
             record["error"] = "; ".join(filter(None, [record["error"], f"judge {metric}: {err}"]))
         else:
@@ -194,8 +211,11 @@ def run_eval(
             for text, finish in answers:
                 record = new_record(q, pi, text, finish)
                 records.append(record)
-                unscored[id(record)] = len(METRICS)
-                for metric in METRICS:
+                metrics = (*METRICS, *extra_metrics.get(q.id, ()))
+                if extra_metrics:
+                    record["extra_scores"] = dict.fromkeys(extra_metrics.get(q.id, ()))
+                unscored[id(record)] = len(metrics)
+                for metric in metrics:
                     prompt = q.judge_prompt(metric, q.paraphrases[pi], text)
                     judge_futures[judge_pool.submit(judge.score, prompt)] = (record, metric)
         gen_s = time.monotonic() - started
@@ -216,7 +236,7 @@ def run_eval(
         finished = [r for r in records if unscored.get(id(r), 0) == 0]
         if jsonl_path is not None:
             append_jsonl(jsonl_path, finished)
-        raise EvalFailed(f"{type(err).__name__}: {err}", finished) from err
+        raise EvalFailed(f"{type(err).__name__}: {err}", finished, adapter) from err
     except BaseException:  # KeyboardInterrupt: leave at once; the caller stops the server under the requests
         cancel.set()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -226,7 +246,8 @@ def run_eval(
     judge_pool.shutdown(wait=True)
     total = time.monotonic() - started
     answered = [r for r in records if r["answer"] is not None]
-    summary = summarise(((r["question_id"], r["aligned"], r["coherent"]) for r in answered), definition)
+    samples = ((r["question_id"], r["aligned"], r["coherent"], r.get("extra_scores")) for r in answered)
+    summary = summarise(samples, definition, ks)
     if jsonl_path is not None:
         append_jsonl(jsonl_path, records)
     return EvalResult(
@@ -237,6 +258,7 @@ def run_eval(
         total_s=total,
         n_judge_errors=sum(1 for r in answered if r["error"]),
         n_generation_errors=len(records) - len(answered),
+        adapter=adapter,
     )
 
 
@@ -247,8 +269,7 @@ def append_jsonl(path: str | Path, records: Sequence[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(_clean(r), ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in records)
 
 
 def read_records(path: str | Path) -> list[dict]:

@@ -36,8 +36,13 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from em_lightning.errors import InputError, read_text
 from em_lightning.evaluation.client import EndpointError, OpenAIClient
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +74,9 @@ class SidecarConfig:
         url: attach to this already running OpenAI-compatible vLLM server instead of starting one.
         python: interpreter of the vLLM venv; None: ``$EM_VLLM_PYTHON``, else the repository's ``.venv-vllm``,
             else the current interpreter.
-        model: model dir to serve; None: the training module's ``base_model_dir`` (the weights training
-            loaded).
+        model: model dir (or hub id) to serve as given; None: the run's base model, the weights training loaded
+            (or ``evaluate --model``, or the adapter's ``base_model_name_or_path``), as
+            :func:`em_lightning.evaluation.session.served_model_dir` decides.
         served_model_name: the base model's name in the API.
         port: 0 picks a free port.
         max_lora_rank: None: the smallest value vLLM accepts that is >= the adapter rank.
@@ -133,13 +139,30 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """A PEFT adapter dir's ``adapter_config.json``, or an :class:`~em_lightning.errors.InputError` naming the
+    file (and line) when it is missing, unreadable or not a JSON object."""
+    path = Path(adapter_dir).expanduser() / "adapter_config.json"
+    text = read_text(path, "adapter config (is this a PEFT adapter dir?)")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 def adapter_rank(adapter_dir: str | Path) -> int:
     """The rank ``r`` in a PEFT adapter dir's ``adapter_config.json`` (max over ``rank_pattern`` too)."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter dir (no adapter_config.json)")
-    config = json.loads(path.read_text())
-    return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+    config = read_adapter_config(adapter_dir)
+    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+        raise InputError(
+            f"{Path(adapter_dir) / 'adapter_config.json'}: `r` and `rank_pattern` must be positive "
+            f"integers, got {ranks}"
+        )
+    return max(ranks)
 
 
 _LIVE: weakref.WeakSet[VLLMSidecar] = weakref.WeakSet()
@@ -227,10 +250,7 @@ class VLLMSidecar:
     def command(self, port: int) -> list[str]:
         """The server command line (after the launcher)."""
         if not self.model_dir:
-            raise ValueError(
-                "sidecar.model is not set and the training module has no base_model_dir "
-                "(tiny in-code models cannot be served by vLLM)"
-            )
+            raise InputError("sidecar.model: not set, and no model_dir was given to serve")
         c = self.config
         args = [
             "--model", str(self.model_dir),
@@ -403,7 +423,7 @@ class VLLMSidecar:
         self.stop()
         self.start()
 
-    def __enter__(self) -> VLLMSidecar:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -430,15 +450,23 @@ class VLLMSidecar:
                 {"lora_name": name, "lora_path": str(adapter_dir)},
                 json_answer=False,
             )
-        except EndpointError as err:
-            # A retried request whose first attempt did succeed finds the name taken: that is success.
-            if "already" not in str(err):
+        except EndpointError:
+            # A retried request whose first attempt did load it (its answer lost) is refused as a duplicate.
+            # The name is fresh, so if the server lists it, this load put it there.
+            if not self._serves(client, name):
                 raise
         with self._lock:
             if self._client is not client:
                 raise RuntimeError(f"vLLM sidecar at {self.url} was stopped while loading adapter {name}")
             self.current_adapter = name
         return name
+
+    @staticmethod
+    def _serves(client: OpenAIClient, name: str) -> bool:
+        try:
+            return any(m.get("id") == name for m in client.list_models())
+        except EndpointError:
+            return False  # the caller re-raises the load's own error, which says more
 
     def unload_adapter(self, name: str) -> None:
         """Unload ``name``; a failure is logged, not raised (the next load uses a fresh name anyway)."""
