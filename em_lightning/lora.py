@@ -1,7 +1,16 @@
-"""Typed LoRA settings and applying them with peft."""
+"""LoRA with peft: typed settings, applying them, and reading the adapters back (names, B, A, scale).
+
+The spectrum code (``em_lightning.spectra``) is pure maths on ``(B, A, scale)``; this module is where those
+come from: :func:`find_lora_layers` walks a peft model once, :func:`iter_lora_modules` reads the weights
+(gathering FSDP2 shards differentiably), and :func:`gathered_full_params` makes FSDP1 shards whole for
+read-only use.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -58,3 +67,120 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec):
     if stray:  # the base must stay frozen: the paper's claims are about the adapter alone
         raise RuntimeError(f"unexpected trainable state after applying LoRA: {stray[:3]}")
     return peft_model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading the adapters of a peft model
+# --------------------------------------------------------------------------------------------------------------------
+
+# Wrapper prefixes that FSDP / activation checkpointing / torch.compile insert into module names.
+_WRAPPER_PARTS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")
+
+
+def short_module_name(name: str) -> str:
+    """A readable, stable name for a LoRA module path: peft's ``base_model.model.`` prefix and FSDP/checkpoint
+    wrapper parts removed, e.g. ``model.layers.3.self_attn.q_proj``."""
+    name = _WRAPPER_PARTS.sub("", name + ".").rstrip(".")
+    return name.removeprefix("base_model.model.")
+
+
+def _full(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a possibly sharded parameter. FSDP2 / ``fully_shard`` (Lightning's ModelParallelStrategy)
+    stores DTensors; ``full_tensor()`` all-gathers them and is differentiable (its backward reduce-scatters), so a
+    penalty computed from it trains the shards. It is a collective: every rank must call it, in the same order."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return weight
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
+LoRARef = tuple[str, str, torch.nn.Module, str]
+"""``(name, proj_type, layer, adapter)``: where one adapter lives, as found by :func:`find_lora_layers`."""
+
+
+def find_lora_layers(model: torch.nn.Module) -> list[LoRARef]:
+    """Every (peft ``LoraLayer``, adapter) pair of ``model`` with a 2-D (Linear) adapter, in module order.
+
+    Walking ``named_modules`` of a 30-layer model takes ~8 ms; callbacks that read the adapters every step find them
+    once and pass the result to :func:`iter_lora_modules` (modules and adapters do not change during a fit).
+    ``name`` is :func:`short_module_name` of the module path (``:<adapter>`` appended when the layer holds several
+    adapters), ``proj_type`` its last component (``q_proj``).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    refs = []
+    for path, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        adapters = [a for a in module.lora_A if a in module.lora_B]
+        for adapter in adapters:
+            if module.lora_A[adapter].weight.ndim != 2:  # convolution adapters
+                continue
+            name = short_module_name(path)
+            proj = name.rsplit(".", 1)[-1]
+            refs.append((f"{name}:{adapter}" if len(adapters) > 1 else name, proj, module, adapter))
+    return refs
+
+
+def iter_lora_modules(
+    model: torch.nn.Module, layers: list[LoRARef] | None = None
+) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor, float]]:
+    """Yield ``(name, proj_type, B, A, scale)`` for every active LoRA adapter of every peft ``LoraLayer`` in ``model``.
+
+    ``name`` and ``proj_type`` as in :func:`find_lora_layers` (pass its result as ``layers`` to skip the walk),
+    ``B`` (d_out×r) and ``A`` (r×d_in) the weights with their autograd history (wrap in ``torch.no_grad()`` for
+    logging), ``scale`` peft's ``scaling[adapter]`` (already α/√r with rsLoRA). Embedding and convolution adapters
+    are skipped (not 2-D). With DoRA the magnitude vector is not included: σ describes s·B·A only. Inactive adapters
+    and layers disabled with ``disable_adapter()`` are skipped.
+
+    Distributed use:
+      * single device and DDP: parameters are whole on every rank; nothing is gathered.
+      * FSDP2 (``fully_shard``; DTensor parameters): each weight is all-gathered with ``DTensor.full_tensor()``,
+        differentiably. Every rank must run the whole loop (same order), even if only rank zero uses the values.
+      * FSDP1 (``FullyShardedDataParallel``, Lightning's FSDPStrategy): parameters are flat shards outside forward;
+        wrap the loop in :func:`gathered_full_params` (no autograd through it: logging only).
+    ``tests/test_lora.py`` runs FSDP2 and FSDP1 on one CPU rank (names, values, gradients through the gather);
+    sharding over several ranks is untested.
+    """
+    for name, proj, layer, adapter in find_lora_layers(model) if layers is None else layers:
+        if getattr(layer, "disable_adapters", False) or adapter not in layer.active_adapters:
+            continue
+        B = _full(layer.lora_B[adapter].weight)
+        A = _full(layer.lora_A[adapter].weight)
+        yield name, proj, B, A, float(layer.scaling[adapter])
+
+
+@contextlib.contextmanager
+def gathered_full_params(model: torch.nn.Module):
+    """Context in which FSDP1-wrapped parameters are whole (``summon_full_params``, read-only); a no-op otherwise.
+
+    Collective under FSDP1: every rank must enter it. Gradients do not flow through it, so a loss term of the
+    weights (the spectral penalty) cannot be used with FSDP1 (use DDP or FSDP2); the logger can.
+    """
+    if not uses_fsdp1(model):  # also covers torch built without distributed
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(model, writeback=False, recurse=True):
+        yield
+
+
+def uses_fsdp1(model: torch.nn.Module) -> bool:
+    """Whether ``model`` contains FSDP1 (``FullyShardedDataParallel``) units, whose flat shards block autograd."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDP) for m in model.modules())
+
+
+def check_not_fsdp1(model: torch.nn.Module, who: str) -> None:
+    """Raise if ``model`` is wrapped in FSDP1, whose flat shards carry no autograd to the LoRA weights;
+    ``who`` (e.g. ``"SpectralPenalty"``) is the part of the config that needs them, named in the message."""
+    if uses_fsdp1(model):
+        raise RuntimeError(
+            f"{who} needs differentiable LoRA weights, and FSDP1 shards (trainer.strategy: fsdp) carry no "
+            "autograd outside forward: use DDP or FSDP2 (ModelParallelStrategy / fully_shard)"
+        )

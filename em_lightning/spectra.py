@@ -23,6 +23,9 @@ with the backward of ``svdvals`` (U·diag(∂σ)·Vᵀ, U = M·V normalised) wri
 not infinite, gradient. float64 keeps the squared condition number harmless: round-off in σᵢ is ~1e-8·σ₁, and values
 below 1e-7·σ₁ are returned as exactly 0.
 
+This module is maths on ``(B, A, scale)``; reading those from a peft model (names, active adapters, FSDP) is
+``em_lightning.lora``'s job.
+
 Everything here is written for the all-zero spectrum of LoRA's first step: metrics are 0 there, penalties are 0 with
 zero gradient, and no log, ratio or square root ever sees a zero (unsafe inputs are replaced *before* the unsafe op,
 because ``torch.where`` after the op still propagates NaN gradients from the unselected branch).
@@ -30,10 +33,9 @@ because ``torch.where`` after the op still propagates NaN gradients from the uns
 
 from __future__ import annotations
 
-import contextlib
 import math
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -53,7 +55,7 @@ LOG_CONDITION_FLOOR = 1e-6
 
 
 def lora_singular_values(
-    B: torch.Tensor, A: torch.Tensor, scale: float | torch.Tensor = 1.0, method: str = "auto"
+    B: torch.Tensor, A: torch.Tensor, scale: float | torch.Tensor = 1.0, method: str = "gram"
 ) -> torch.Tensor:
     """The singular values of ``scale * B @ A``, descending, differentiable, without forming the product.
 
@@ -64,9 +66,9 @@ def lora_singular_values(
         scale: the adapter scaling s (peft's ``scaling[adapter]``: α/r, or α/√r with rsLoRA); a tensor of the batch
             shape for batched inputs.
         method: ``gram`` (Cholesky of A·Aᵀ, eigenvalues of the r×r Gram matrix in float64; batched kernels only,
-            values below 1e-7·σ₁ read 0), ``qr`` (QR of Aᵀ, SVD of B·R_Aᵀ; exact, slow on GPU), or ``auto``
-            (= ``gram``). ``gram`` needs r ≤ d_in (A·Aᵀ invertible) and falls back to ``qr`` otherwise. See the
-            module docstring.
+            values below 1e-7·σ₁ read 0) or ``qr`` (QR of Aᵀ, SVD of B·R_Aᵀ; exact, slow on GPU).
+            ``gram`` needs r ≤ d_in (A·Aᵀ invertible) and falls back to ``qr`` otherwise. See the module
+            docstring.
 
     Returns:
         r singular values per matrix, shape (..., r), with either method: when r > min(d_out, d_in) (ΔW has at most
@@ -79,10 +81,8 @@ def lora_singular_values(
         raise ValueError(f"lora_singular_values expects 2-D B and A, got shapes {tuple(B.shape)} and {tuple(A.shape)}")
     if B.shape[-1] != A.shape[-2]:
         raise ValueError(f"rank mismatch: B is {tuple(B.shape)} (d_out×r) but A is {tuple(A.shape)} (r×d_in)")
-    if method not in ("auto", "qr", "gram"):
-        raise ValueError(f"lora_singular_values: method must be auto, qr or gram, got {method!r}")
-    if method == "auto":
-        method = "gram"
+    if method not in ("qr", "gram"):
+        raise ValueError(f"lora_singular_values: method must be gram or qr, got {method!r}")
     if A.shape[-2] > A.shape[-1]:  # r > d_in: A·Aᵀ is singular, Cholesky impossible
         method = "qr"
     dtype = torch.float64 if torch.float64 in (B.dtype, A.dtype) else torch.float32
@@ -126,7 +126,7 @@ class _GramSingularValues(torch.autograd.Function):
 
 
 def grouped_singular_values(
-    factors: list[tuple[torch.Tensor, torch.Tensor, float]], method: str = "auto"
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]], method: str = "gram"
 ) -> list[tuple[list[int], torch.Tensor]]:
     """Singular values of many adapters at once: ``factors`` is a list of ``(B, A, scale)``; adapters with equal
     shapes, dtype and device are stacked and decomposed as one batch (a model has ~5 distinct shapes, so ~5 batched
@@ -135,11 +135,8 @@ def grouped_singular_values(
     Returns ``[(indices, sigma)]``, ``sigma`` of shape (len(indices), r), row j belonging to ``factors[indices[j]]``.
     Differentiable like :func:`lora_singular_values` (stacking copies the weights but keeps their autograd history).
     """
-    groups: dict[tuple, list[int]] = {}
-    for i, (B, A, _) in enumerate(factors):
-        groups.setdefault((tuple(B.shape), tuple(A.shape), B.dtype, A.dtype, B.device), []).append(i)
     out = []
-    for idx in groups.values():
+    for idx in _shape_groups(factors):
         if len(idx) == 1:
             B, A, scale = factors[idx[0]]
             out.append((idx, lora_singular_values(B, A, scale, method).unsqueeze(0)))
@@ -149,6 +146,136 @@ def grouped_singular_values(
         scale = torch.tensor([float(factors[i][2]) for i in idx], dtype=torch.float64)
         out.append((idx, lora_singular_values(B, A, scale, method)))
     return out
+
+
+def _shape_groups(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> list[list[int]]:
+    """Indices of ``factors`` grouped by equal B and A shapes, dtypes and device (one batch each)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (B, A, _) in enumerate(factors):
+        groups.setdefault((tuple(B.shape), tuple(A.shape), B.dtype, A.dtype, B.device), []).append(i)
+    return list(groups.values())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# singular subspaces (how the adapter's directions move between two logged steps)
+# ------------------------------------------------------------------------------------------------------------
+
+SUBSPACE_FLOOR = 1e-6
+"""The top-k singular subspaces of ΔW count as defined when σ_k > ``SUBSPACE_FLOOR``·σ₁ (so never for B = 0,
+nor when ΔW has rank < k); below that the k-th direction is not determined by ΔW (or only by round-off)."""
+
+
+class LoRASubspaces(NamedTuple):
+    """Orthonormal bases of the top-k singular subspaces of ΔW = s·B·A (see :func:`lora_singular_subspaces`).
+
+    ``left``: (..., d_out, k), the top-k left singular vectors (the output directions ΔW writes to);
+    ``right``: (..., d_in, k), the top-k right singular vectors (the input directions ΔW reads);
+    ``defined``: (...,) bool, σ_k > ``SUBSPACE_FLOOR``·σ₁; where False both bases are zeros.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    defined: torch.Tensor
+
+
+def lora_singular_subspaces(B: torch.Tensor, A: torch.Tensor, k: int | None = None) -> LoRASubspaces:
+    """Orthonormal bases of the top-k left and right singular subspaces of ΔW = s·B·A, without forming ΔW.
+
+    The subspaces do not depend on the scale s (nor its sign), so it is not an argument. Works in float64 on
+    the factors' device with batched matrix products and r×r eigendecompositions only, O((d_out + d_in)·r²):
+
+        A·Aᵀ = W Λ Wᵀ (eigh)  ⇒  A = W Λ^½ Q_Aᵀ with Q_A = Aᵀ W Λ^-½ (d_in×r, orthonormal columns)
+        ⇒ B·A = M Q_Aᵀ with M = B W Λ^½ (d_out×r);   MᵀM = V Σ² Vᵀ (eigh, σ descending)
+        ⇒ left singular vectors M V Σ⁻¹, right singular vectors Q_A V; keep the first k columns.
+
+    This is the SVD of the small core of ΔW that QR of B and Aᵀ would give (left Q_B U, right Q_A V), without
+    QR: on a GPU a batch of tall QRs runs one cuSOLVER call per matrix, eigendecompositions of r×r matrices
+    are batched, and the only d-sized work is four products: A·Aᵀ, Bᵀ·B, and the bases as B and Aᵀ times r×k
+    coefficients. Directions of A with √λ ≤ ``GRAM_FLOOR``·√λ_max are dropped (exact for a rank-deficient A:
+    they carry no part of ΔW), and both bases get one Cholesky-QR pass (in r-space, from the same Gram
+    matrices), so a basis compared with itself gives cosines of 1 to round-off. Round-off in the directions
+    grows like 1e-16·σ₁²/(σ_k² − σ_{k+1}²): a subspace whose k-th singular value is close to the next one is
+    ill-conditioned (intrinsically, not through this method); the whole column and row space (k = r) is
+    determined for any spectrum.
+
+    Args:
+        B: (..., d_out, r).  A: (..., r, d_in).
+        k: subspace dimension; default (None) r; at most min(r, d_out, d_in) (larger values are clamped).
+
+    Returns:
+        :class:`LoRASubspaces` with k columns, float64; ``defined`` False (bases zero, no error) where σ_k ≤
+        ``SUBSPACE_FLOOR``·σ₁: B = 0 (LoRA's start), or ΔW of rank < k.
+    """
+    if B.ndim < 2 or A.ndim < 2 or B.shape[-1] != A.shape[-2]:
+        raise ValueError(f"lora_singular_subspaces expects B (..., d_out, r) and A (..., r, d_in), got "
+                         f"shapes {tuple(B.shape)} and {tuple(A.shape)}")
+    r = B.shape[-1]
+    k = min(r if k is None else k, r, B.shape[-2], A.shape[-1])
+    if k < 1:
+        raise ValueError(f"lora_singular_subspaces: k must be >= 1, got {k}")
+    with torch.autocast(device_type=B.device.type, enabled=False):
+        B, A = B.to(torch.float64), A.to(torch.float64)
+        gram_A, gram_B = A @ A.mT, B.mT @ B  # with the two products below, the only d-sized work
+        lam, W = torch.linalg.eigh(gram_A)  # ascending
+        root = lam.clamp_min(0).sqrt()
+        keep = root > GRAM_FLOOR * root[..., -1:]
+        root = torch.where(keep, root, torch.zeros_like(root))
+        safe = torch.where(keep, root, torch.ones_like(root))
+        inv_root = torch.where(keep, 1 / safe, torch.zeros_like(root))
+        P = W * root.unsqueeze(-2)  # M = B·P (M = B W Λ^½)
+        mu, V = torch.linalg.eigh(P.mT @ gram_B @ P)  # MᵀM = V Σ² Vᵀ
+        sigma, V = mu.flip(-1).clamp_min(0).sqrt(), V.flip(-1)[..., :k]
+        defined = sigma[..., k - 1] > SUBSPACE_FLOOR * sigma[..., 0]  # False for B = 0 (0 > 0)
+        top = torch.where(defined.unsqueeze(-1), sigma[..., :k], torch.ones_like(sigma[..., :k]))
+        # left = B·(P V Σ⁻¹), right = Aᵀ·(W Λ^-½ V): r×k coefficients on the factors' columns
+        left = _orthonormal_coefficients(P @ (V / top.unsqueeze(-2)), gram_B, defined)
+        right = _orthonormal_coefficients((W * inv_root.unsqueeze(-2)) @ V, gram_A, defined)
+        return LoRASubspaces(B @ left, A.mT @ right, defined)
+
+
+def _orthonormal_coefficients(C: torch.Tensor, gram: torch.Tensor, defined: torch.Tensor) -> torch.Tensor:
+    """C (..., r, k) with F·C's columns made orthonormal by one Cholesky-QR pass done in r-space (F of Gram
+    matrix ``gram`` = FᵀF, r×r): C·L⁻ᵀ with L·Lᵀ = Cᵀ·gram·C; zeros where not ``defined``."""
+    k = C.shape[-1]
+    L, _ = torch.linalg.cholesky_ex(C.mT @ gram @ C)  # ≈ I already, up to the eigendecompositions' round-off
+    mask = defined[..., None, None]
+    L = torch.where(mask, L, torch.eye(k, dtype=L.dtype, device=L.device))
+    C = torch.linalg.solve_triangular(L, C.mT, upper=False).mT
+    return torch.where(mask, C, torch.zeros_like(C))
+
+
+def grouped_singular_subspaces(
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]], k: int | None = None
+) -> list[tuple[list[int], LoRASubspaces]]:
+    """:func:`lora_singular_subspaces` of many adapters, ``factors`` a list of ``(B, A, scale)`` (scale
+    unused), stacked by shape as in :func:`grouped_singular_values` (same groups, same order). Returns
+    ``[(indices, subspaces)]``, the bases of shape (len(indices), d, k)."""
+    out = []
+    for idx in _shape_groups(factors):
+        B = torch.stack([factors[i][0] for i in idx])
+        A = torch.stack([factors[i][1] for i in idx])
+        out.append((idx, lora_singular_subspaces(B, A, k)))
+    return out
+
+
+def principal_cosines(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between the column spans of X and Y, (..., d, k) each with orthonormal
+    columns: the singular values of the k×k matrix XᵀY (never a d×d product), descending (smallest angle
+    first), clipped to [0, 1]. 1 for an unchanged subspace, 0 for orthogonal directions; mean of their squares
+    = ‖XᵀY‖²_F / k, the subspace overlap. Angles: ``torch.arccos``; near 0 it turns float64 round-off in the
+    cosine (~1e-14) into ~1e-7 rad (~1e-5°)."""
+    return torch.linalg.svdvals(X.mT @ Y).clamp(0.0, 1.0)
+
+
+def abs_cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """|cos| of the angle between vectors u and v along the last dimension (batched), float64; NaN where
+    either is zero (e.g. B = 0 at LoRA's start). Sign-blind, as a rank-1 adapter's B and A can flip sign
+    together without changing ΔW."""
+    u, v = u.to(torch.float64), v.to(torch.float64)
+    norms = torch.linalg.vector_norm(u, dim=-1) * torch.linalg.vector_norm(v, dim=-1)
+    ok = norms > 0
+    cos = (u * v).sum(-1).abs() / torch.where(ok, norms, torch.ones_like(norms))
+    return torch.where(ok, cos.clamp(max=1.0), torch.full_like(cos, math.nan))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -268,147 +395,16 @@ def get_penalty(form: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"unknown spectral penalty form {form!r}; choose one of {sorted(PENALTIES)}") from None
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# walking a peft model
-# --------------------------------------------------------------------------------------------------------------------
-
-# Wrapper prefixes that FSDP / activation checkpointing / torch.compile insert into module names.
-_WRAPPER_PARTS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|module)\.")
-
-
-def short_module_name(name: str) -> str:
-    """A readable, stable name for a LoRA module path: peft's ``base_model.model.`` prefix and FSDP/checkpoint
-    wrapper parts removed, e.g. ``model.layers.3.self_attn.q_proj``."""
-    name = _WRAPPER_PARTS.sub("", name + ".").rstrip(".")
-    return name.removeprefix("base_model.model.")
-
-
-def _full(weight: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a possibly sharded parameter. FSDP2 / ``fully_shard`` (Lightning's ModelParallelStrategy)
-    stores DTensors; ``full_tensor()`` all-gathers them and is differentiable (its backward reduce-scatters), so a
-    penalty computed from it trains the shards. It is a collective: every rank must call it, in the same order."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return weight
-    return weight.full_tensor() if isinstance(weight, DTensor) else weight
-
-
-LoRARef = tuple[str, str, torch.nn.Module, str]
-"""``(name, proj_type, layer, adapter)``: where one adapter lives, as found by :func:`find_lora_layers`."""
-
-
-def find_lora_layers(model: torch.nn.Module) -> list[LoRARef]:
-    """Every (peft ``LoraLayer``, adapter) pair of ``model`` with a 2-D (Linear) adapter, in module order.
-
-    Walking ``named_modules`` of a 30-layer model takes ~8 ms; callbacks that read the adapters every step find them
-    once and pass the result to :func:`iter_lora_modules` (modules and adapters do not change during a fit).
-    ``name`` is :func:`short_module_name` of the module path (``:<adapter>`` appended when the layer holds several
-    adapters), ``proj_type`` its last component (``q_proj``).
-    """
-    from peft.tuners.lora import LoraLayer
-
-    refs = []
-    for path, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        adapters = [a for a in module.lora_A if a in module.lora_B]
-        for adapter in adapters:
-            if module.lora_A[adapter].weight.ndim != 2:  # convolution adapters
-                continue
-            name = short_module_name(path)
-            proj = name.rsplit(".", 1)[-1]
-            refs.append((f"{name}:{adapter}" if len(adapters) > 1 else name, proj, module, adapter))
-    return refs
-
-
-def iter_lora_modules(
-    model: torch.nn.Module, layers: list[LoRARef] | None = None
-) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor, float]]:
-    """Yield ``(name, proj_type, B, A, scale)`` for every active LoRA adapter of every peft ``LoraLayer`` in ``model``.
-
-    ``name`` and ``proj_type`` as in :func:`find_lora_layers` (pass its result as ``layers`` to skip the walk),
-    ``B`` (d_out×r) and ``A`` (r×d_in) the weights with their autograd history (wrap in ``torch.no_grad()`` for
-    logging), ``scale`` peft's ``scaling[adapter]`` (already α/√r with rsLoRA). Embedding and convolution adapters
-    are skipped (not 2-D). With DoRA the magnitude vector is not included: σ describes s·B·A only. Inactive adapters
-    and layers disabled with ``disable_adapter()`` are skipped.
-
-    Distributed use:
-      * single device and DDP: parameters are whole on every rank; nothing is gathered.
-      * FSDP2 (``fully_shard``; DTensor parameters): each weight is all-gathered with ``DTensor.full_tensor()``,
-        differentiably. Every rank must run the whole loop (same order), even if only rank zero uses the values.
-      * FSDP1 (``FullyShardedDataParallel``, Lightning's FSDPStrategy): parameters are flat shards outside forward;
-        wrap the loop in :func:`gathered_full_params` (no autograd through it: logging only).
-    None of the distributed paths can be exercised on the single-CPU test machine; they are untested.
-    """
-    for name, proj, layer, adapter in find_lora_layers(model) if layers is None else layers:
-        if getattr(layer, "disable_adapters", False) or adapter not in layer.active_adapters:
-            continue
-        B = _full(layer.lora_B[adapter].weight)
-        A = _full(layer.lora_A[adapter].weight)
-        yield name, proj, B, A, float(layer.scaling[adapter])
-
-
-@contextlib.contextmanager
-def gathered_full_params(model: torch.nn.Module):
-    """Context in which FSDP1-wrapped parameters are whole (``summon_full_params``, read-only); a no-op otherwise.
-
-    Collective under FSDP1: every rank must enter it. Gradients do not flow through it, so the spectral *penalty*
-    cannot be used with FSDP1 (use DDP or FSDP2); the logger can. Untested here (no multi-process GPU run).
-    """
-    if not uses_fsdp1(model):  # also covers torch built without distributed
-        yield
-        return
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    with FSDP.summon_full_params(model, writeback=False, recurse=True):
-        yield
-
-
-def uses_fsdp1(model: torch.nn.Module) -> bool:
-    """Whether ``model`` contains FSDP1 (``FullyShardedDataParallel``) units, whose flat shards block autograd."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except ImportError:
-        return False
-    return any(isinstance(m, FSDP) for m in model.modules())
-
-
-def check_not_fsdp1(model: torch.nn.Module) -> None:
-    """Raise if ``model`` is wrapped in FSDP1, whose flat shards carry no autograd to the LoRA weights."""
-    if uses_fsdp1(model):
-        raise RuntimeError("the spectral penalty needs differentiable LoRA weights; FSDP1 shards block that: "
-                           "use DDP or FSDP2 (ModelParallelStrategy / fully_shard)")
-
-
-def lora_spectra(model: torch.nn.Module, layers: list[LoRARef] | None = None) -> dict[str, tuple[str, torch.Tensor]]:
-    """``{name: (proj_type, σ)}`` for every LoRA module of ``model``, computed under ``no_grad`` (for logging).
-
-    Collective under FSDP (every rank must call it); cheap under DDP (no communication)."""
-    with torch.no_grad(), gathered_full_params(model):
-        modules = [(n, p, B.detach(), A.detach(), s) for n, p, B, A, s in iter_lora_modules(model, layers)]
-        sigmas: list[torch.Tensor | None] = [None] * len(modules)
-        for idx, sigma in grouped_singular_values([(B, A, s) for _, _, B, A, s in modules]):
-            for j, i in enumerate(idx):
-                sigmas[i] = sigma[j]
-    return {name: (proj, sigma) for (name, proj, *_), sigma in zip(modules, sigmas)}
-
-
-def spectral_penalty(
-    model: torch.nn.Module, form: str = "frob_nuclear_ratio", layers: list[LoRARef] | None = None
+def mean_penalty(
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]], form: str = "frob_nuclear_ratio"
 ) -> torch.Tensor:
-    """Mean over LoRA modules of the penalty ``form`` of each adapter's spectrum, differentiable in every B and A.
+    """Mean over adapters of the penalty ``form`` of each spectrum σ(s·B·A); ``factors`` is a list of
+    ``(B, A, scale)`` (from :func:`em_lightning.lora.iter_lora_modules`). Differentiable in every B and A.
 
-    ``layers``: the result of :func:`find_lora_layers` for ``model``, to skip walking the model on every call.
-
-    All-zero spectra (B = 0) contribute 0 to the sum but still count in the mean. Raises if the model has no LoRA
-    modules or is wrapped in FSDP1 (no autograd through its flat shards).
+    All-zero spectra (B = 0) contribute 0 (and no gradient) but count in the mean: the divisor is the number
+    of adapters, whatever their state.
     """
-    if layers is None:  # callers passing layers have done this check once (walking the model costs ms)
-        check_not_fsdp1(model)
     fn = get_penalty(form)
-    factors = [(B, A, scale) for _, _, B, A, scale in iter_lora_modules(model, layers)]
     if not factors:
-        raise ValueError("spectral_penalty: the model has no active LoRA modules")
-    total = sum(fn(sigma).sum() for _, sigma in grouped_singular_values(factors))
-    return total / len(factors)
+        raise ValueError("mean_penalty: no adapters given (the model has no active LoRA modules)")
+    return sum(fn(sigma).sum() for _, sigma in grouped_singular_values(factors)) / len(factors)

@@ -11,6 +11,13 @@
     python scripts/bench_spectra.py                     # CPU, both parts
     python scripts/bench_spectra.py --device cuda       # GPU (bf16-mixed by default)
     python scripts/bench_spectra.py --skip-training     # part (a) only
+    python scripts/bench_spectra.py --subspace-only     # part (c) only
+
+(c) The extra time per log of ``SpectrumLogger(subspace=True)`` (principal angles of the top-4 singular
+    subspaces against the previous log, all 210 SmolLM2-shaped adapters, r=8, random B and A) over the same
+    logger without it:
+    ``log_spectra`` timed end to end (computation, TensorBoard scalars, the JSONL line), with and without
+    per-module scalars, and the maths alone (bases, cosines, one host copy).
 
 Without the converted SmolLM2 weights (a GPU box with no internet), ``--random-init`` builds the same architecture
 with random weights from SmolLM2's config; step times do not depend on the weights' values.
@@ -21,31 +28,25 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # without it small CPU ops slow down 15-60x under contention
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from em_lightning.spectra import (  # noqa: E402
-    find_lora_layers,
-    lora_singular_values,
-    lora_spectra,
-    spectral_penalty,
-)
+from em_lightning.lora import find_lora_layers, iter_lora_modules
+from em_lightning.spectra import grouped_singular_values, lora_singular_values, mean_penalty
 
 SHAPES = [(576, 576, 8), (4096, 4096, 32), (14336, 4096, 32)]
 
 # SmolLM2-135M-Instruct's architecture (config.json of the converted model), for --random-init.
-SMOLLM2_CONFIG = dict(
-    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-    head_dim=64, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-)
+SMOLLM2_CONFIG = {
+    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "rope_theta": 100000.0, "bos_token_id": 1,
+    "eos_token_id": 2, "pad_token_id": 2,
+}
 
 
 def _sync(device: str) -> None:
@@ -82,9 +83,11 @@ def bench_factored_vs_dense(device: str, repeats: int, dense_repeats: int) -> No
         scale = 16 / r
         dense = torch.linalg.svdvals(scale * B @ A)[:r]
         err = {m: ((lora_singular_values(B, A, scale, m) - dense).abs().max() / dense[0]).item() for m in ("gram", "qr")}
-        t_fact = _time(lambda: lora_singular_values(B, A, scale), device, repeats)
-        t_qr = _time(lambda: lora_singular_values(B, A, scale, "qr"), device, repeats)
-        t_dense = _time(lambda: torch.linalg.svdvals(scale * B @ A), device, dense_repeats, warmup=0)
+        # B, A, scale bound as defaults: the lambdas must time this shape's tensors (ruff B023)
+        t_fact = _time(lambda B=B, A=A, s=scale: lora_singular_values(B, A, s), device, repeats)
+        t_qr = _time(lambda B=B, A=A, s=scale: lora_singular_values(B, A, s, "qr"), device, repeats)
+        t_dense = _time(lambda B=B, A=A, s=scale: torch.linalg.svdvals(s * B @ A), device, dense_repeats,
+                        warmup=0)
         print(f"{f'{d_out}x{d_in}, r={r}':>22} {t_fact * 1e3:12.3f} {t_qr * 1e3:9.3f} {t_dense * 1e3:12.1f} "
               f"{t_dense / t_fact:8.0f}x {err['gram']:9.1e} {err['qr']:10.1e}")
 
@@ -110,6 +113,9 @@ def _module(args):
         base=ModelSpec(name=args.model),
         lora=LoRASpec(r=args.rank, alpha=2.0 * args.rank),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0),
+        # The plain DataLoader's batches lack ChatDataModule's step token count (every row supervises the same
+        # number of tokens, so the per-micro-batch mean is the step's mean anyway).
+        loss_normalization="micro_batch",
     )
 
 
@@ -148,8 +154,8 @@ def _fit(args, variant: str, rows) -> list[float]:
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader
 
-    from callbacks.spectral_penalty import SpectralPenalty
-    from callbacks.spectrum_logger import SpectrumLogger
+    from em_lightning.callbacks.spectral_penalty import SpectralPenalty
+    from em_lightning.callbacks.spectrum_logger import SpectrumLogger
 
     L.seed_everything(args.seed, verbose=False)
     timer = _step_timer(args.device, args.warmup_steps)
@@ -181,9 +187,17 @@ def _components(args, module) -> None:
     """The spectrum pieces alone on the trained adapter, as the callbacks run them (layers found once)."""
     model = module.model
     layers = find_lora_layers(model)
+
+    def factors():
+        return [(B, A, s) for *_, B, A, s in iter_lora_modules(model, layers)]
+
+    def spectra():  # SpectrumLogger's computation, without the writing
+        with torch.no_grad():
+            return grouped_singular_values([(B.detach(), A.detach(), s) for B, A, s in factors()])
+
     t_walk = _time(lambda: find_lora_layers(model), args.device, 5)
-    t_s = _time(lambda: lora_spectra(model, layers), args.device, 5)
-    t_p = _time(lambda: spectral_penalty(model, layers=layers).backward(), args.device, 5)
+    t_s = _time(spectra, args.device, 5)
+    t_p = _time(lambda: mean_penalty(factors()).backward(), args.device, 5)  # SpectralPenalty's raw term
     model.zero_grad(set_to_none=True)
     print(f"    components on {len(layers)} adapters: finding them {t_walk * 1e3:.1f} ms (once per fit); all σ "
           f"(no grad) {t_s * 1e3:.1f} ms; penalty forward+backward {t_p * 1e3:.1f} ms")
@@ -212,6 +226,85 @@ def bench_training(args) -> None:
             print(f"    ratio {variant} / none (mean step time): {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f} %)")
 
 
+# -------------------------------------------------------------------------------- (c) subspace dynamics cost
+def bench_subspace(args) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from em_lightning.callbacks.spectrum_logger import SpectrumLogger
+    from em_lightning.lora import LoRASpec, apply_lora
+
+    config = LlamaConfig(**SMOLLM2_CONFIG)
+    model = apply_lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32), LoRASpec(r=args.rank))
+    model.to(args.device)
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for *_, B, _, _ in iter_lora_modules(model):
+            B.copy_(torch.randn(B.shape, generator=g) * 1e-3)
+    layers = find_lora_layers(model)
+    print(f"\n(c) subspace dynamics: {len(layers)} adapters (SmolLM2 shapes), r={args.rank}, k=4, "
+          f"device={args.device}, {args.repeats} logs after 2 warm-up ones; log_spectra end to end (no "
+          "image, no histograms)")
+    writers = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for per_module in (False, True):
+            calls = {}
+            for subspace in (False, True):
+                logger = SpectrumLogger(every_n_steps=1, log_per_module=per_module, log_histograms=False,
+                                        log_image=False, subspace=subspace)
+                tb = TensorBoardLogger(tmp, name=f"c{per_module}{subspace}")
+                trainer = SimpleNamespace(global_step=0, current_epoch=0, is_global_zero=True, loggers=[tb],
+                                          log_dir=tb.log_dir, default_root_dir=tmp)
+
+                def log(logger=logger, trainer=trainer):
+                    trainer.global_step += 1
+                    logger.log_spectra(trainer, model)
+
+                calls[subspace] = log
+                writers.append(tb)
+            # interleaved (off, on) pairs, so load from other processes hits both alike
+            off, on = [], []
+            for i in range(args.repeats + 2):
+                times = [_time(calls[subspace], args.device, 1, warmup=0) for subspace in (False, True)]
+                if i >= 2:
+                    off.append(times[0])
+                    on.append(times[1])
+            extra = [b - a for a, b in zip(off, on)]
+            label = "with" if per_module else "without"
+            print(f"    {label} per-module scalars: off {statistics.median(off) * 1e3:.1f} ms, on "
+                  f"{statistics.median(on) * 1e3:.1f} ms (medians); extra per log: median "
+                  f"{statistics.median(extra) * 1e3:.1f} ms, min-to-min {(min(on) - min(off)) * 1e3:.1f} ms")
+        for tb in writers:
+            tb.experiment.close()  # before the temporary dir goes
+
+    from em_lightning.spectra import grouped_singular_subspaces, principal_cosines
+
+    def maths(prev=[None]):  # noqa: B006 (the previous log's bases, as the logger keeps them)
+        with torch.no_grad():
+            groups = grouped_singular_subspaces([(B.detach(), A.detach(), s) for *_, B, A, s in
+                                                 iter_lora_modules(model, layers)], 4)
+        if prev[0] is not None:
+            cos = [principal_cosines(p.left, c.left).flatten() for (_, p), (_, c) in zip(prev[0], groups)]
+            cos += [principal_cosines(p.right, c.right).flatten() for (_, p), (_, c) in zip(prev[0], groups)]
+            torch.cat(cos).cpu()
+        prev[0] = groups
+
+    def spectra():  # the logger's σ, for scale
+        with torch.no_grad():
+            return grouped_singular_values([(B.detach(), A.detach(), s) for *_, B, A, s in
+                                            iter_lora_modules(model, layers)])
+
+    t_maths, t_sigma = [], []
+    for _ in range(args.repeats):  # interleaved, as above
+        t_maths.append(_time(maths, args.device, 1, warmup=0))
+        t_sigma.append(_time(spectra, args.device, 1, warmup=0))
+    print(f"    the maths alone (bases of all adapters, cosines against the previous ones, one host copy): "
+          f"median {statistics.median(t_maths) * 1e3:.1f} ms; all σ, as the logger computes them anyway: "
+          f"{statistics.median(t_sigma) * 1e3:.1f} ms")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -219,6 +312,7 @@ def main(argv=None) -> None:
     p.add_argument("--dense-repeats", type=int, default=None, help="timed dense SVDs per shape (cpu 1, cuda 3)")
     p.add_argument("--skip-training", action="store_true", help="only part (a)")
     p.add_argument("--skip-svd", action="store_true", help="only part (b)")
+    p.add_argument("--subspace-only", action="store_true", help="only part (c)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--random-init", action="store_true", help="SmolLM2 architecture with random weights")
     p.add_argument("--rank", type=int, default=8)
@@ -247,6 +341,9 @@ def main(argv=None) -> None:
     if "none" not in args.order:
         p.error("--order must include 'none' (the baseline)")
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if cuda else 'cpu'}")
+    if args.subspace_only:
+        bench_subspace(args)
+        return
     if not args.skip_svd:
         bench_factored_vs_dense(args.device, args.repeats, args.dense_repeats)
     if not args.skip_training:

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from callbacks.spectral_penalty import SpectralPenalty
-from callbacks.spectrum_logger import SpectrumLogger
-from em_lightning.lora import LoRASpec
+from em_lightning.callbacks.spectral_penalty import SpectralPenalty
+from em_lightning.callbacks.spectrum_logger import SpectrumLogger
+from em_lightning.lora import LoRASpec, iter_lora_modules
 from em_lightning.models import ModelSpec
 from em_lightning.module import LoRAFineTune
-from em_lightning.spectra import PENALTIES, lora_singular_values, spectral_metrics, spectral_penalty
-from em_lightning.spectra import iter_lora_modules
+from em_lightning.spectra import PENALTIES, lora_singular_values, mean_penalty, spectral_metrics
 
 SEQ, PROMPT = 24, 8  # every row: 24 tokens, the last 16 supervised (equal counts: per-token means compose exactly)
 
@@ -38,7 +39,15 @@ def _module(optimizer=None, random_B: bool = False, r: int = 4) -> LoRAFineTune:
         # init_lora_weights=False: B starts random, so the penalty acts from the first step.
         lora=LoRASpec(r=r, alpha=2.0 * r, init_lora_weights=not random_B),
         optimizer=optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)),
+        # Plain DataLoader batches lack ChatDataModule's step token count; with 16 supervised tokens in every
+        # row the per-micro-batch mean is the step's token mean anyway.
+        loss_normalization="micro_batch",
     )
+
+
+def _raw_penalty(module, form: str) -> torch.Tensor:
+    """The mean penalty of the module's adapters, computed here independently of the callback."""
+    return mean_penalty([(B, A, s) for *_, B, A, s in iter_lora_modules(module.model)], form)
 
 
 def _fit(module, rows, batch_size, callbacks=(), logger=False, max_steps=2, accumulate=1, seed=0, **kw):
@@ -69,15 +78,16 @@ def test_coefficient_warmup_and_bad_config():
 
 @pytest.mark.parametrize("form", ["frob_nuclear_ratio", "log_condition"])
 def test_penalty_with_accumulation_4_equals_a_4x_batch(form):
-    """4 micro-batches of 2 rows == 1 batch of 8 rows (SGD), penalty included.
+    """4 micro-batches of 2 rows == 1 batch of 8 rows (SGD, 2 optimizer steps), penalty included.
 
-    Not a general claim. The penalty term composes exactly under accumulation (it depends on the weights only, and
-    Lightning divides each micro-batch's loss by 4). The task loss is the mean over each micro-batch's supervised
-    tokens, so accumulation equals the big batch only when every micro-batch has the same number of supervised
-    tokens, which this test arranges (every row has 16, see ``_rows``); with unequal counts the two differ.
+    The module evaluates the term on the first micro-batch of each step only and scales it so the step's
+    gradient is coeff·∇P whatever ``accumulate_grad_batches``: counting it once per micro-batch (×4) or
+    forgetting Lightning's division by 4 (×1/4) would both break the equality. The task loss composes
+    exactly because every row has 16 supervised tokens (see ``_rows``). Two steps, so the second window
+    (batch_idx 4-7) is covered too.
     """
     rows = _rows(16)
-    sgd = lambda params: torch.optim.SGD(params, lr=0.5)  # noqa: E731
+    sgd = partial(torch.optim.SGD, lr=0.5)
     states = {}
     for label, batch, accumulate, callbacks in [
         ("big", 8, 1, [SpectralPenalty(form=form, coeff=2.0)]),
@@ -90,26 +100,55 @@ def test_penalty_with_accumulation_4_equals_a_4x_batch(form):
 
     for name, big in states["big"].items():
         torch.testing.assert_close(states["accumulated"][name], big, rtol=1e-5, atol=1e-6, msg=name)
-    # ... and the penalty really entered the update (otherwise the equality above would prove nothing about it).
-    assert any((states["no_penalty"][n] - w).abs().max() > 1e-4 for n, w in states["big"].items())
+    # ... and the penalty moved the weights far beyond that tolerance (a ×4 or ×1/4 error would show).
+    effect = max((states["no_penalty"][n] - w).abs().max().item() for n, w in states["big"].items())
+    assert effect > 1e-3, effect
 
 
-def test_penalty_gradient_is_the_coefficient_times_the_penalty_gradient():
-    """One SGD step with the penalty moves the weights by exactly lr·coeff·∇P more than without it."""
+@pytest.mark.parametrize("form,accumulate", [(form, 1) for form in PENALTIES] + [("neg_entropy", 4)])
+def test_penalty_gradient_is_the_coefficient_times_the_penalty_gradient(form, accumulate):
+    """One SGD step with the penalty moves the weights by exactly lr·coeff·∇P more than the same step without
+    it, P being the configured form's mean over modules; with accumulation too (4 micro-batches of 1 row: the
+    term enters once, not 4 times)."""
     rows, lr, coeff = _rows(4), 0.5, 3.0
-    sgd = lambda params: torch.optim.SGD(params, lr=lr)  # noqa: E731
+    sgd = partial(torch.optim.SGD, lr=lr)
     start = _module(sgd, random_B=True)
     L.seed_everything(0, verbose=False)
     start.configure_model()
-    spectral_penalty(start.model, "neg_entropy").backward()
+    _raw_penalty(start, form).backward()
     expected = {n: -lr * coeff * p.grad for n, p in start.model.named_parameters() if p.requires_grad}
 
     with_p, without = _module(sgd, random_B=True), _module(sgd, random_B=True)
-    _fit(with_p, rows, 4, [SpectralPenalty(form="neg_entropy", coeff=coeff)], max_steps=1)
-    _fit(without, rows, 4, [], max_steps=1)
+    batch = 4 // accumulate
+    _fit(with_p, rows, batch, [SpectralPenalty(form=form, coeff=coeff)], max_steps=1, accumulate=accumulate)
+    _fit(without, rows, batch, [], max_steps=1, accumulate=accumulate)
     a, b = _lora_state(with_p), _lora_state(without)
-    for n in expected:
-        torch.testing.assert_close(a[n] - b[n], expected[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert max(e.abs().max().item() for e in expected.values()) > 1e-3  # a step the comparison can see
+    for n, step in expected.items():
+        torch.testing.assert_close(a[n] - b[n], step, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_warmup_coefficient_follows_the_optimizer_step():
+    """warmup_steps=2: step 0 has coefficient 0 (the same update as no penalty), step 1 has coeff/2, which the
+    module applies as exactly lr·coeff/2·∇P at the weights after step 0."""
+    rows, lr, coeff = _rows(8), 0.5, 3.0
+    sgd = partial(torch.optim.SGD, lr=lr)
+    warm, plain = _module(sgd, random_B=True), _module(sgd, random_B=True)
+    _fit(warm, rows, 4, [SpectralPenalty(form="neg_entropy", coeff=coeff, warmup_steps=2)], max_steps=1)
+    _fit(plain, rows, 4, [], max_steps=1)
+    for n, w in _lora_state(warm).items():
+        torch.testing.assert_close(w, _lora_state(plain)[n], rtol=0, atol=0, msg=n)  # coefficient(0) = 0
+
+    warm.model.zero_grad(set_to_none=True)  # fit leaves the last step's gradients behind
+    _raw_penalty(warm, "neg_entropy").backward()
+    expected = {n: -lr * coeff / 2 * p.grad for n, p in warm.model.named_parameters() if p.requires_grad}
+    # Step 1 from the weights after step 0, on rows 4-7, with and without the (half-warmed) penalty.
+    two_warm, two_plain = _module(sgd, random_B=True), _module(sgd, random_B=True)
+    _fit(two_warm, rows, 4, [SpectralPenalty(form="neg_entropy", coeff=coeff, warmup_steps=2)], max_steps=2)
+    _fit(two_plain, rows, 4, [], max_steps=2)
+    a, b = _lora_state(two_warm), _lora_state(two_plain)
+    for n, step in expected.items():
+        torch.testing.assert_close(a[n] - b[n], step, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_penalty_flattens_the_spectrum():
@@ -221,7 +260,7 @@ def test_logged_scalars_and_jsonl_match_the_final_adapter(logged_run, tmp_path):
 
 
 def test_penalty_is_logged_apart_from_the_task_loss(logged_run):
-    trainer, module = logged_run
+    trainer, _ = logged_run
     scalars = _read(trainer.log_dir).scalars
     by = {tag: scalars[scalars["tag"] == tag].set_index("step")["value"] for tag in
           ("train/loss", "train/loss_total", "train/spectral_penalty", "train/spectral_penalty_coeff")}
@@ -230,8 +269,15 @@ def test_penalty_is_logged_apart_from_the_task_loss(logged_run):
     for step in by["train/loss"].index:
         expected = by["train/loss"][step] + by["train/spectral_penalty_coeff"][step] * by["train/spectral_penalty"][step]
         assert by["train/loss_total"][step] == pytest.approx(expected, rel=1e-5)
-    assert by["train/spectral_penalty"].iloc[0] == 0.0
-    assert all(1 / math.sqrt(4) - 1e-6 <= v <= 1 + 1e-6 for v in by["train/spectral_penalty"].iloc[1:])
+    # The raw penalty of step j is that of the adapter after j updates, which SpectrumLogger wrote for
+    # j = 0, 2, 4: the mean over modules of ‖σ‖₂/‖σ‖₁ of those spectra (0 at B = 0).
+    with open(f"{trainer.log_dir}/spectra.jsonl") as f:
+        records = {r["step"]: r["modules"] for r in map(json.loads, f)}
+    for step in (0, 2, 4):
+        sigma = torch.tensor(list(records[step].values()), dtype=torch.float64)
+        expected = spectral_metrics(sigma)["frob_nuclear_ratio"].mean().item()
+        assert by["train/spectral_penalty"][step] == pytest.approx(expected, rel=1e-5, abs=1e-12), step
+    assert by["train/spectral_penalty"][0] == 0.0 and by["train/spectral_penalty"][4] > 0.5
 
 
 def test_logger_without_tensorboard_still_writes_jsonl(tmp_path):
@@ -240,7 +286,11 @@ def test_logger_without_tensorboard_still_writes_jsonl(tmp_path):
                    default_root_dir=str(tmp_path))
     lines = (tmp_path / "spectra.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
-    assert trainer.logger is None
+    final = {n: lora_singular_values(B, A, s).detach() for n, _, B, A, s in iter_lora_modules(module.model)}
+    last = json.loads(lines[-1])["modules"]
+    for name, sigma in final.items():
+        torch.testing.assert_close(torch.tensor(last[name]), sigma, rtol=1e-5, atol=1e-9)
+    assert trainer.logger is None and not list(tmp_path.rglob("events.out.tfevents.*"))
 
 
 def test_scalars_reach_every_logger_with_its_prefix(tmp_path):
@@ -281,29 +331,63 @@ def test_accumulation_logs_no_step_zero_point_of_its_own(tmp_path, log_at_start)
     assert steps == ([0] if log_at_start else []) + [2, 4]
 
 
-def test_every_penalty_form_trains(tmp_path):
-    """Each form runs inside a real training step with finite loss (B = 0 on step 0 included)."""
-    for form in PENALTIES:
-        module = _module()
-        _fit(module, _rows(4), 2, [SpectralPenalty(form=form, coeff=0.1)], max_steps=2)
-        assert all(torch.isfinite(p).all() for p in _lora_state(module).values()), form
+def test_every_penalty_form_flattens_in_its_own_measure():
+    """Each form, trained 8 AdamW steps from LoRA's B = 0 (so step 0 runs the all-zero spectrum), ends with a
+    lower value of that form than the same run (seed, data) without it: it closes at least a fifth of the gap
+    to the form's minimum, the value of a flat spectrum. (Entropy alone would not do: inv_stable_rank and
+    log_condition push only on σ₁ and σ_r and may lower it.)"""
+    rows, steps = _rows(32, seed=1), 8
+    off = _module()
+    _fit(off, rows, 4, [], max_steps=steps)
+    with torch.no_grad():
+        off_values = {form: _raw_penalty(off, form).item() for form in PENALTIES}
+    for form, fn in PENALTIES.items():
+        on = _module()
+        _fit(on, rows, 4, [SpectralPenalty(form=form, coeff=1.0)], max_steps=steps)
+        assert all(torch.isfinite(p).all() for p in _lora_state(on).values()), form
+        with torch.no_grad():
+            value = _raw_penalty(on, form).item()
+        flat = fn(torch.ones(4)).item()
+        assert value - flat < 0.8 * (off_values[form] - flat), (form, value, off_values[form], flat)
 
 
 def test_cli_with_both_overlay_configs(run_cli, tmp_path):
-    """The documented command: tiny.yaml + spectrum.yaml + spectral_penalty.yaml, through the real CLI."""
+    """The documented command: tiny.yaml + spectrum.yaml + spectral_penalty.yaml, through the real CLI; the
+    penalty runs with the overlay's settings, and its raw value and coefficient reach TensorBoard at every
+    step."""
+    import yaml
     from tbparse import SummaryReader
+
+    from tests.conftest import CONFIGS
 
     cli = run_cli("fit", "--config", "configs/tiny.yaml", "--config", "configs/callbacks/spectrum.yaml",
                   "--config", "configs/callbacks/spectral_penalty.yaml", "--trainer.max_steps", "3",
                   "--trainer.val_check_interval", "3")
     kinds = [type(c).__name__ for c in cli.trainer.callbacks]
-    assert "SpectrumLogger" in kinds and "SpectralPenalty" in kinds
-    assert "ModelCheckpoint" in kinds  # the overlay appended; tiny.yaml's callbacks are still there
+    assert "SpectrumLogger" in kinds and "ModelCheckpoint" in kinds  # appended; tiny.yaml's are still there
+    # isinstance: the config's class path gives the class imported here, not a second copy
+    penalty = next(c for c in cli.trainer.callbacks if isinstance(c, SpectralPenalty))
+    overlay = yaml.safe_load((CONFIGS / "callbacks" / "spectral_penalty.yaml").read_text())
+    settings = overlay["trainer"]["callbacks+"][0]["init_args"]
+    assert (penalty.form, penalty.coeff, penalty.warmup_steps) == (
+        settings["form"], settings["coeff"], settings["warmup_steps"])
+
     log_dir = cli.trainer.log_dir
-    records = [json.loads(line) for line in open(f"{log_dir}/spectra.jsonl")]
-    assert [r["step"] for r in records] == [0, 3]
-    tags = set(SummaryReader(log_dir, pivot=False).scalars["tag"])
-    assert {"spectra/all/frob_nuclear_ratio", "train/spectral_penalty", "train/loss"} <= tags
+    lines = Path(log_dir, "spectra.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 3]
+    assert not any(k.startswith("subspace") for k in json.loads(lines[-1]))  # subspace dynamics: off
+    scalars = SummaryReader(log_dir, pivot=False).scalars
+    assert "spectra/all/frob_nuclear_ratio" in set(scalars["tag"])
+    assert not any("subspace" in tag for tag in scalars["tag"])
+    by = {tag: scalars[scalars["tag"] == tag].set_index("step")["value"] for tag in
+          ("train/loss", "train/loss_total", "train/spectral_penalty", "train/spectral_penalty_coeff")}
+    assert list(by["train/spectral_penalty_coeff"].index) == [0, 1, 2]
+    coefficients = [penalty.coefficient(s) for s in (0, 1, 2)]
+    assert list(by["train/spectral_penalty_coeff"]) == pytest.approx(coefficients)
+    raw = by["train/spectral_penalty"]
+    assert raw[0] == 0.0 and raw[2] > 0  # B = 0 at the start, then trained
+    total = by["train/loss"] + by["train/spectral_penalty_coeff"] * by["train/spectral_penalty"]
+    assert list(by["train/loss_total"]) == pytest.approx(list(total), rel=1e-5)
 
 
 def test_resumed_run_does_not_relog_the_checkpoint_step(run_cli, tmp_path):
@@ -336,21 +420,28 @@ def _readme_block(marker: str) -> str:
     return after.split("```", 2)[1].split("\n", 1)[1]  # the fenced block's body, without its language line
 
 
+def _readme_module(marker: str, tmp_path, monkeypatch):
+    """The README's Python block ``marker``, imported as if saved as ``callbacks/<marker>``."""
+    import importlib.util
+    import sys
+
+    name = f"em_lightning.callbacks.{marker.removesuffix('.py')}"
+    source = tmp_path / marker
+    source.write_text(_readme_block(marker))
+    spec = importlib.util.spec_from_file_location(name, source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_readme_worked_example_runs_as_written(run_cli, tmp_path, monkeypatch, accumulate):
     """callbacks/README.md's example callback and overlay, exactly as printed, through the real CLI; with gradient
     accumulation its first micro-batch ends at global_step 0 and must not log a point there."""
-    import importlib.util
-    import sys
-
     from tbparse import SummaryReader
 
-    source = tmp_path / "lora_norms.py"
-    source.write_text(_readme_block("lora_norms.py"))
-    spec = importlib.util.spec_from_file_location("callbacks.lora_norms", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setitem(sys.modules, "callbacks.lora_norms", module)  # as if saved as callbacks/lora_norms.py
+    _readme_module("lora_norms.py", tmp_path, monkeypatch)
     overlay = tmp_path / "lora_norms.yaml"
     overlay.write_text(_readme_block("lora_norms.yaml"))
 
@@ -359,5 +450,54 @@ def test_readme_worked_example_runs_as_written(run_cli, tmp_path, monkeypatch, a
     scalars = SummaryReader(cli.trainer.log_dir, pivot=False).scalars
     rows = scalars[scalars["tag"] == "lora_norm/by_proj/q_proj/B"]
     assert list(rows["step"]) == [5]
-    assert rows["value"].iloc[0] > 0  # B left zero after 5 AdamW steps
-    assert "lora_norm/model.layers.1.mlp.down_proj/B" in set(scalars["tag"])
+    # the values are the trained adapter's norms (step 5 is the last step), not zeros or stale numbers
+    norms = {name: torch.linalg.matrix_norm(B.detach()).item()
+             for name, _, B, _, _ in iter_lora_modules(cli.model.model)}
+    q = [v for n, v in norms.items() if n.endswith("q_proj")]
+    assert rows["value"].iloc[0] == pytest.approx(sum(q) / len(q), rel=1e-5) and min(q) > 0
+    down = scalars[scalars["tag"] == "lora_norm/model.layers.1.mlp.down_proj/B"]["value"]
+    assert list(down) == pytest.approx([norms["model.layers.1.mlp.down_proj"]], rel=1e-5)
+
+
+def test_readme_loss_term_example_runs_as_written(tmp_path, monkeypatch):
+    """callbacks/README.md's loss-term example, exactly as printed, under accumulation 2: one SGD step moves
+    the weights by exactly lr·weight·∇(mean ‖B‖²) more than without it, and the module logs the raw term and
+    its weight."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    example = _readme_module("b_norm_penalty.py", tmp_path, monkeypatch)
+    assert example.BNormPenalty(weight=1.0, warmup_steps=4).coefficient(2) == 0.5
+    rows, lr, weight = _rows(4), 0.5, 0.25
+    sgd = partial(torch.optim.SGD, lr=lr)
+    start = _module(sgd, random_B=True)
+    L.seed_everything(0, verbose=False)
+    start.configure_model()
+    raw = torch.stack([B.square().sum() for _, _, B, _, _ in iter_lora_modules(start.model)]).mean()
+    raw.backward()
+    expected = {n: -lr * weight * (p.grad if p.grad is not None else torch.zeros_like(p))
+                for n, p in start.model.named_parameters() if p.requires_grad}
+
+    with_term, without = _module(sgd, random_B=True), _module(sgd, random_B=True)
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="b_norm")
+    _fit(with_term, rows, 2, [example.BNormPenalty(weight=weight)], logger=logger, max_steps=1, accumulate=2)
+    _fit(without, rows, 2, [], max_steps=1, accumulate=2)
+    a, b = _lora_state(with_term), _lora_state(without)
+    for n, step in expected.items():
+        torch.testing.assert_close(a[n] - b[n], step, rtol=1e-4, atol=1e-6, msg=n)
+    scalars = _read(logger.log_dir).scalars.set_index("tag")["value"]
+    assert scalars["train/b_norm"] == pytest.approx(raw.item(), rel=1e-5)
+    assert scalars["train/b_norm_coeff"] == pytest.approx(weight)
+
+
+def test_old_callback_class_path_fails_naming_the_new_one(run_cli, tmp_path):
+    """callbacks/README.md's promise: a config naming ``callbacks.<file>.<Class>`` (the pre-package path)
+    fails at start-up with the file, line and the ``em_lightning.callbacks`` path to write instead."""
+    from em_lightning.errors import InputError
+
+    overlay = tmp_path / "old.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks+:\n    - class_path: callbacks.spectrum_logger.SpectrumLogger\n"
+    )
+    new_path = r"em_lightning\.callbacks\.spectrum_logger\.SpectrumLogger"
+    with pytest.raises(InputError, match=rf"old\.yaml:3: .*{new_path}"):
+        run_cli("fit", "--config", "configs/tiny.yaml", "--config", str(overlay), "--trainer.max_steps", "1")
