@@ -22,10 +22,11 @@ class AdapterExport(L.Callback):
     def adapters_dir(trainer) -> Path:
         return Path(trainer.log_dir or trainer.default_root_dir) / "adapters"
 
+    # Called on every rank: save_adapter is collective (FSDP2 gathers the sharded adapter) and writes on rank zero.
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        if self.enabled and trainer.is_global_zero:
+        if self.enabled:
             pl_module.save_adapter(self.adapters_dir(trainer) / f"step-{trainer.global_step}")
 
     def on_train_end(self, trainer, pl_module):
-        if self.enabled and trainer.is_global_zero:
+        if self.enabled:
             pl_module.save_adapter(self.adapters_dir(trainer) / "final")

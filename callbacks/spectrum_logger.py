@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,14 +12,17 @@ import lightning as L
 import numpy as np
 import torch
 
+from em_lightning.lora import find_lora_layers, gathered_full_params, iter_lora_modules, uses_fsdp1
 from em_lightning.spectra import (
-    find_lora_layers,
-    gathered_full_params,
+    abs_cosine,
+    grouped_singular_subspaces,
     grouped_singular_values,
-    iter_lora_modules,
+    principal_cosines,
     spectral_metrics,
-    uses_fsdp1,
 )
+
+SUBSPACE_METRICS = ("subspace_left_cos2", "subspace_right_cos2")
+RANK1_METRICS = ("rank1_A_abs_cos", "rank1_B_abs_cos")
 
 
 class SpectrumLogger(L.Callback):
@@ -39,6 +43,31 @@ class SpectrumLogger(L.Callback):
 
     An all-zero spectrum (LoRA's start, B = 0) has every metric 0, not NaN.
 
+    Subspace dynamics (``subspace=True``, off by default): at every logged step, how far each module's top-k
+    singular subspaces of ΔW turned since the previous logged step of this fit, computed from the factors
+    (:func:`em_lightning.spectra.lora_singular_subspaces`; ΔW is never formed):
+
+      * ``spectra.jsonl`` lines get ``"subspace_k"``, ``"subspace_prev_step"`` (the step compared with, null
+        at the first log) and ``"subspace": {name: {"left": [θ₁, …, θ_k], "right": [θ₁, …, θ_k]}}``, the
+        principal angles in degrees (to 1e-4°), ascending, between the top-k left (output) and right (input)
+        singular subspaces now and at ``subspace_prev_step``; a list is null where undefined (below). Rank-1
+        adapters also get ``"A_abs_cos"`` and ``"B_abs_cos"``: |cos| between this and the previous A vector,
+        and B vector (sign-blind: flipping both leaves ΔW unchanged); B's is null while B = 0, A's is defined
+        from the start.
+      * scalars ``subspace_left_cos2`` and ``subspace_right_cos2``, the mean cos² of the k principal angles
+        (1: unchanged, 0: orthogonal; ‖XᵀX'‖²_F/k), per module (with ``log_per_module``), and their means over
+        the modules per projection and overall; rank-1 modules add ``rank1_A_abs_cos`` and
+        ``rank1_B_abs_cos`` (aggregates over rank-1 modules only). Undefined values are NaN and left out of
+        the means (NaN if none is defined).
+
+    k is ``min(subspace_k, r, d_out, d_in)`` per module. A subspace is undefined when σ_k ≤ 1e-6·σ₁ now or at
+    the previous log: B = 0 (so with LoRA's init the first two logs read NaN: nothing before step 0, and the
+    step-0 adapter has no direction), or ΔW of rank < k. The top k < r subspace is only as stable as the gap
+    σ_k − σ_{k+1} (a flat spectrum, e.g. under the spectral penalty, turns it freely within the span);
+    ``subspace_k`` ≥ r gives the whole column and row space, determined for any spectrum. The previous bases
+    (8·k·(d_out + d_in) bytes per module on the adapters' device, ~10 MB on SmolLM2 with k = 4) are not
+    checkpointed: the first value after a resume is NaN.
+
     Args:
         every_n_steps: optimizer steps between logs.
         log_per_module: per-module scalars and histograms (210 modules × 8 metrics on SmolLM2); aggregates are always
@@ -53,22 +82,31 @@ class SpectrumLogger(L.Callback):
         jsonl: file name in the run dir for the raw spectra; None writes no file.
         log_at_start: also log before the first update (and at the resumed step when resuming, unless the
             checkpoint says that step was logged already).
+        subspace: also log the subspace dynamics above (default off).
+        subspace_k: dimension k of the top-k singular subspaces compared (``min(subspace_k, r, d_out,
+            d_in)`` per module); default 4, so k = r for r ≤ 4 (the whole span, rank-1 adapters included) and
+            the dominant directions of larger adapters.
 
     Resuming (``--ckpt_path``): the checkpoint holds the last logged step. The resumed run writes to its own run dir
     (TensorBoardLogger starts a new ``version_N``) and logs only steps after that one, so the checkpoint's step is
     not logged twice (same adapter, same σ): the first run's files hold steps ≤ k, the resumed run's steps > k, and
     concatenating the versions' ``spectra.jsonl`` in order gives every step once. Exception: if the first run went
     on past its checkpoint (a crash after step k), those later steps appear in both files; the resumed run's are
-    the ones that continue from the checkpoint.
+    the ones that continue from the checkpoint. With ``subspace``, the resumed run's first line has
+    ``"subspace_prev_step": null`` and null angles, and its first subspace scalars are NaN: the bases of step
+    k are not in the checkpoint (the first run's file has the angles up to k).
 
     Cost on SmolLM2 (210 adapters): σ of all adapters ~15 ms (H100 and CPU alike); per-module TensorBoard output
     (1680 scalars + 210 histograms, ~230 KB) ~40 ms on a CPU core, most of it building the histograms and the event
     writer's pure-Python checksum, hence ``per_module_every_n_steps``; aggregates ~5 ms; the JSONL line ~2 ms; a
-    plot ~0.2 s. TensorBoard gets each step's scalars as one event and its histograms as another (one event per
-    value costs ~3× as much); the values are those ``add_scalar`` / ``add_histogram`` write.
+    plot ~0.2 s; subspace dynamics (k = 4) about as much again as σ plus ~10 ms of bookkeeping (a loaded
+    2-core CPU: +45 ms per log, σ 31 ms there; ``scripts/bench_spectra.py --subspace-only``). TensorBoard gets
+    each step's scalars as one event and its histograms as another (one event per value costs ~3× as much);
+    the values are those ``add_scalar`` / ``add_histogram`` write.
 
     Distributed: under DDP only rank zero computes. Under FSDP every rank joins the gathers of the LoRA weights
-    (:func:`em_lightning.spectra.iter_lora_modules`); rank zero computes and writes. (Not testable on one CPU.)
+    (:func:`em_lightning.lora.iter_lora_modules`); rank zero computes and writes. (Multi-rank runs are
+    untested.)
     """
 
     def __init__(
@@ -82,9 +120,13 @@ class SpectrumLogger(L.Callback):
         metrics: list[str] | None = None,
         jsonl: str | None = "spectra.jsonl",
         log_at_start: bool = True,
+        subspace: bool = False,
+        subspace_k: int = 4,
     ):
         if every_n_steps < 1:
             raise ValueError(f"SpectrumLogger.every_n_steps must be >= 1, got {every_n_steps}")
+        if subspace_k < 1:
+            raise ValueError(f"SpectrumLogger.subspace_k must be >= 1, got {subspace_k}")
         known = set(spectral_metrics(torch.ones(2)))
         if metrics is not None and not set(metrics) <= known:
             raise ValueError(f"SpectrumLogger.metrics: unknown {sorted(set(metrics) - known)}; known: {sorted(known)}")
@@ -97,8 +139,17 @@ class SpectrumLogger(L.Callback):
         self.metrics = list(metrics) if metrics is not None else None
         self.jsonl = jsonl
         self.log_at_start = log_at_start
+        self.subspace = subspace
+        self.subspace_k = subspace_k
         self._last_step: int | None = None
         self._layers = None  # (model, its LoRA layers): found once, not on every log
+        self._run_dir: Path | None = None  # set in setup, on every rank
+        self._reset_subspaces()
+
+    def _reset_subspaces(self) -> None:
+        # {module names of a shape group: {"sub": LoRASubspaces, "B", "A": rank-1 vectors}} at _subspace_step
+        self._subspaces: dict[tuple[str, ...], dict] = {}
+        self._subspace_step: int | None = None
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer, pl_module, stage):
@@ -106,6 +157,10 @@ class SpectrumLogger(L.Callback):
         # (load_state_dict) after setup and before on_train_start.
         if stage == "fit":
             self._last_step, self._layers = None, None
+            self._reset_subspaces()  # never checkpointed: a resumed fit starts without them (NaN first)
+            # trainer.log_dir is a collective (a broadcast from rank zero): ask on every rank here, once, not later
+            # on rank zero alone, where the other ranks would never answer.
+            self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
     def on_train_start(self, trainer, pl_module):
         # Resuming from a checkpoint taken right after a log: that step's spectrum is already in the first run's file.
@@ -139,11 +194,16 @@ class SpectrumLogger(L.Callback):
             if not trainer.is_global_zero or not modules:
                 return
             groups = grouped_singular_values([(B, A, s) for _, _, B, A, s in modules])
+            subspace = self._subspace_dynamics(modules, step) if self.subspace else None
         names = [m[0] for m in modules]
         projs = [m[1] for m in modules]
         sigmas, metrics = _to_host(groups, len(modules), self.metrics)
+        applies = {}
+        if subspace is not None:
+            metrics.update(subspace["metrics"])
+            applies = subspace["applies"]
         per_module = self.log_per_module and (step % self.per_module_every_n_steps == 0 or final)
-        self._write_scalars(trainer, step, names, projs, metrics, per_module)
+        self._write_scalars(trainer, step, names, projs, metrics, per_module, applies)
         experiment = _tensorboard(trainer)
         if experiment is not None:
             if self.log_histograms:
@@ -151,19 +211,90 @@ class SpectrumLogger(L.Callback):
             if self.log_image and (step % self.image_every_n_steps == 0 or final):
                 experiment.add_image("spectra/plot", _plot(names, projs, sigmas, step), step, dataformats="HWC")
         if self.jsonl:
-            self._write_jsonl(trainer, step, names, sigmas, {m[0]: m[4] for m in modules})
+            extra = subspace["jsonl"] if subspace is not None else None
+            self._write_jsonl(trainer, step, names, sigmas, {m[0]: m[4] for m in modules}, extra)
 
-    def _write_scalars(self, trainer, step, names, projs, metrics, per_module):
+    def _subspace_dynamics(self, modules, step: int) -> dict:
+        """Principal angles between each module's top-k singular subspaces now and at the previous log (and
+        rank-1 |cos| of A and B), on the adapters' device with one host copy; keeps this step's bases for the
+        next log.
+
+        Returns ``{"metrics": {metric: array over modules}, "applies": {metric: mask of the modules it exists
+        for}, "jsonl": fields for the JSONL line}``.
+        """
+        names = [m[0] for m in modules]
+        previous, current, parts, layout = self._subspaces, {}, [], []
+        for idx, sub in grouped_singular_subspaces([(B, A, s) for _, _, B, A, s in modules], self.subspace_k):
+            key = tuple(names[i] for i in idx)
+            entry, prev = {"sub": sub}, previous.get(key)
+            if prev is not None and prev["sub"].left.shape == sub.left.shape:
+                both = (prev["sub"].defined & sub.defined).unsqueeze(-1)
+                cos = [torch.where(both, principal_cosines(prev["sub"].left, sub.left), math.nan),
+                       torch.where(both, principal_cosines(prev["sub"].right, sub.right), math.nan)]
+            else:
+                cos = [torch.full(sub.defined.shape + (sub.left.shape[-1],), math.nan, dtype=torch.float64,
+                                  device=sub.left.device)] * 2
+            parts += [c.flatten() for c in cos]
+            rank1 = modules[idx[0]][2].shape[-1] == 1
+            if rank1:  # copies (float64): the optimizer updates the parameters in place
+                entry["B"] = torch.stack([modules[i][2][:, 0] for i in idx]).to(torch.float64)
+                entry["A"] = torch.stack([modules[i][3][0] for i in idx]).to(torch.float64)
+                have = prev is not None and "B" in prev and prev["B"].shape == entry["B"].shape
+                nan = torch.full((len(idx),), math.nan, dtype=torch.float64, device=sub.left.device)
+                parts += [abs_cosine(prev[side], entry[side]) if have else nan for side in "AB"]
+            current[key] = entry
+            layout.append((idx, sub.left.shape[-1], rank1))
+        flat = torch.cat(parts).cpu().numpy()
+
+        n = len(modules)
+        metrics = {m: np.full(n, np.nan) for m in SUBSPACE_METRICS + RANK1_METRICS}
+        rank1_mask = np.zeros(n, dtype=bool)
+        per_module: dict[str, dict] = {}
+        pos = 0
+        for idx, k, rank1 in layout:
+            sides = []
+            for _ in range(2):
+                sides.append(flat[pos: pos + len(idx) * k].reshape(len(idx), k))
+                pos += len(idx) * k
+            for metric, cos in zip(SUBSPACE_METRICS, sides):
+                metrics[metric][idx] = np.square(cos).mean(-1)  # NaN rows stay NaN
+            left, right = (_angles(cos) for cos in sides)
+            for j, i in enumerate(idx):
+                per_module[names[i]] = {"left": left[j], "right": right[j]}
+            if rank1:
+                rank1_mask[idx] = True
+                for metric, field in zip(RANK1_METRICS, ("A_abs_cos", "B_abs_cos")):
+                    values = flat[pos: pos + len(idx)]
+                    pos += len(idx)
+                    metrics[metric][idx] = values
+                    for j, i in enumerate(idx):
+                        per_module[names[i]][field] = _number(values[j])
+        jsonl = {"subspace_k": self.subspace_k, "subspace_prev_step": self._subspace_step,
+                 "subspace": {name: per_module[name] for name in names}}  # module order, like "modules"
+        self._subspaces, self._subspace_step = current, step
+        if not rank1_mask.any():
+            for metric in RANK1_METRICS:
+                del metrics[metric]
+        return {"metrics": metrics, "applies": {m: rank1_mask for m in RANK1_METRICS}, "jsonl": jsonl}
+
+    def _write_scalars(self, trainer, step, names, projs, metrics, per_module, applies=None):
+        """Scalars per module (``per_module``), per projection and overall; a metric named in ``applies``
+        exists only for the modules its mask selects. Means leave NaN (an undefined subspace) out."""
         scalars = {}
+        applies = applies or {}
         by_proj = defaultdict(list)
         for i, proj in enumerate(projs):
             by_proj[proj].append(i)
         for metric, values in metrics.items():
+            mask = applies.get(metric)
             if per_module:
-                scalars.update({f"spectra/{name}/{metric}": float(values[i]) for i, name in enumerate(names)})
+                scalars.update({f"spectra/{name}/{metric}": float(values[i]) for i, name in enumerate(names)
+                                if mask is None or mask[i]})
             for proj, idx in by_proj.items():
-                scalars[f"spectra/by_proj/{proj}/{metric}"] = float(values[idx].mean())
-            scalars[f"spectra/all/{metric}"] = float(values.mean())
+                if mask is None or mask[idx].any():
+                    scalars[f"spectra/by_proj/{proj}/{metric}"] = _mean(values[idx] if mask is None else
+                                                                        values[idx][mask[idx]])
+            scalars[f"spectra/all/{metric}"] = _mean(values if mask is None else values[mask])
         for logger in trainer.loggers:
             writer = _one_event_writer(logger)
             if writer is None:
@@ -192,14 +323,15 @@ class SpectrumLogger(L.Callback):
             for tag, x in histograms.items():
                 experiment.add_histogram(tag, x, step)
 
-    def _write_jsonl(self, trainer, step, names, sigmas, scales):
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    def _write_jsonl(self, trainer, step, names, sigmas, scales, extra=None):
+        run_dir = self._run_dir or Path(trainer.log_dir or trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {
             "step": step,
             "epoch": trainer.current_epoch,
             "modules": {n: [float(f"{x:.6g}") for x in s] for n, s in zip(names, sigmas)},
             "scale": scales,
+            **(extra or {}),
         }
         with open(run_dir / self.jsonl, "a") as f:  # open/close per line: a crash keeps every finished step
             f.write(json.dumps(record) + "\n")
@@ -212,6 +344,24 @@ class SpectrumLogger(L.Callback):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _mean(values: np.ndarray) -> float:
+    """Mean of the non-NaN values (the plain mean when there is no NaN); NaN if none."""
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else math.nan
+
+
+def _number(x) -> float | None:
+    """A float for JSON (6 significant digits), None for NaN (JSON has no NaN)."""
+    return None if math.isnan(x) else float(f"{x:.6g}")
+
+
+def _angles(cos: np.ndarray) -> list[list[float] | None]:
+    """Principal angles in degrees (rounded to 1e-4°), ascending, from rows of their cosines (descending);
+    None for a row that is undefined (NaN). Vectorised: ~1700 values on SmolLM2."""
+    degrees = np.round(np.degrees(np.arccos(np.clip(cos, 0.0, 1.0))), 4).tolist()
+    return [None if undefined else row for row, undefined in zip(degrees, np.isnan(cos).any(-1))]
+
+
 def _tensorboard(trainer):
     """The SummaryWriter of the first TensorBoard logger, or None (histograms and images are TensorBoard-only)."""
     for logger in trainer.loggers:

@@ -21,6 +21,7 @@ from em_lightning.lora import LoRASpec, apply_lora
 from em_lightning.loss import LOSS_NORMALIZATIONS, LossNormalization, micro_batch_divisor, supervised_ce_sum
 from em_lightning.models import TINY_MODELS, ModelSpec, load_model, load_tokenizer, resolve_model_dir
 from em_lightning.optim import ScheduleSpec, build_scheduler, check_muon_params
+from em_lightning.sharding import FSDPSpec, shard_lora_model
 
 LossTerm = Callable[["LoRAFineTune"], torch.Tensor]
 
@@ -39,6 +40,8 @@ class LoRAFineTune(L.LightningModule):
         loss_normalization: ``step_tokens`` (default): the mean over all supervised tokens of the optimizer step
             (every micro-batch and rank), so accumulating k micro-batches equals one k times larger batch;
             ``micro_batch``: each micro-batch's own mean, averaged. See :mod:`em_lightning.loss`.
+        fsdp: sharding units and mixed precision under the FSDP2 strategy (``configs/strategy/fsdp2.yaml``);
+            ignored by other strategies. See :mod:`em_lightning.sharding`.
     """
 
     def __init__(
@@ -49,16 +52,18 @@ class LoRAFineTune(L.LightningModule):
         schedule: ScheduleSpec = ScheduleSpec(),
         supervised_logits_only: bool = True,
         loss_normalization: LossNormalization = "step_tokens",
+        fsdp: FSDPSpec = FSDPSpec(),
     ):
         super().__init__()
         # load_from_checkpoint passes the saved hparams back as plain dicts.
         base = ModelSpec(**base) if isinstance(base, dict) else base
         lora = LoRASpec(**lora) if isinstance(lora, dict) else lora
         schedule = ScheduleSpec(**schedule) if isinstance(schedule, dict) else schedule
+        fsdp = FSDPSpec(**fsdp) if isinstance(fsdp, dict) else fsdp
         # Plain dicts only: optimiser classes or dataclasses in hparams break weights_only checkpoint loading.
         self.save_hyperparameters(
             {"base": asdict(base), "lora": asdict(lora), "schedule": asdict(schedule),
-             "supervised_logits_only": supervised_logits_only, "loss_normalization": loss_normalization}
+             "supervised_logits_only": supervised_logits_only, "loss_normalization": loss_normalization, "fsdp": asdict(fsdp)}
         )
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise InputError(f"model.loss_normalization: {loss_normalization!r} is not one of {LOSS_NORMALIZATIONS}")
@@ -66,6 +71,7 @@ class LoRAFineTune(L.LightningModule):
         self.optimizer_factory = optimizer
         self.supervised_logits_only = supervised_logits_only
         self.loss_normalization = loss_normalization
+        self.fsdp = fsdp
         self.model = None  # built in configure_model, so strategies (FSDP) can shard it as they build it
         self._tokenizer = None
         self._loss_terms: dict[str, tuple[LossTerm, float | Callable[[int], float]]] = {}
@@ -77,9 +83,23 @@ class LoRAFineTune(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # idempotent: Lightning may call it more than once
             return
-        self.model = apply_lora(load_model(self.base), self.lora)
+        model = apply_lora(load_model(self.base), self.lora)
+        mesh = self._data_parallel_mesh()
+        if mesh is not None:  # FSDP2 (AdapterModelParallelStrategy): shard after LoRA, see em_lightning.sharding
+            model = shard_lora_model(model, mesh, self.fsdp)
+        self.model = model
         # from_pretrained returns eval mode and Lightning keeps sub-module modes: without this, LoRA dropout is off.
         self.model.train()
+
+    def _data_parallel_mesh(self):
+        """The data-parallel mesh when the strategy shards the model (FSDP2), else None."""
+        try:
+            mesh = self.device_mesh  # set by ModelParallelStrategy only
+        except (AttributeError, RuntimeError):
+            return None
+        if mesh is None:
+            return None
+        return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
 
     @property
     def tokenizer(self):
@@ -115,9 +135,25 @@ class LoRAFineTune(L.LightningModule):
         self._loss_terms.pop(name, None)
 
     def save_adapter(self, path: str | Path) -> Path:
-        """Write the adapter as a PEFT dir (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        """Write the adapter as a PEFT dir (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+        Collective when distributed: call it on every rank. Under FSDP2 every rank joins the gather of the sharded
+        adapter weights (the frozen base is never gathered); global rank zero alone writes the dir.
+        """
         path = Path(path)
-        self.model.save_pretrained(str(path))
+        trainer = self._trainer
+        rank_zero = trainer is None or trainer.is_global_zero
+        if self._data_parallel_mesh() is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+            state = get_model_state_dict(self.model, options=options)
+            if rank_zero:
+                self.model.save_pretrained(str(path), state_dict=state)
+        elif rank_zero:
+            self.model.save_pretrained(str(path))
+        if trainer is not None and trainer.world_size > 1:
+            trainer.strategy.barrier("save_adapter")  # the dir exists on every rank's return
         return path
 
     # -------------------------------------------------------------------------------------------------- steps

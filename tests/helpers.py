@@ -61,3 +61,19 @@ class BatchCounts(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.counts.append((int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != -100).sum()),
                             batch["input_ids"].numel()))
+
+
+class HangAfterCheckpoint(L.Callback):
+    """At the first micro-batch after optimizer step ``step`` (whose checkpoint is written by then), writes
+    ``marker`` and blocks, so a test can kill the whole process group at a known point."""
+
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = step, marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import pathlib
+            import time
+
+            pathlib.Path(self.marker).write_text(str(trainer.global_rank))
+            time.sleep(3600)

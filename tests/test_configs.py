@@ -10,7 +10,9 @@ import yaml
 
 from tests.conftest import CONFIGS
 
-ALL = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+# Sweep files are not trainer configs: the sweep tests read them.
+ALL = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") if p.parent.name != "sweeps")
+PARSE_ONLY = {"strategy/fsdp1.yaml"}  # Lightning refuses FSDPStrategy on CPU, so it is parsed but not built here
 BASES = {"tiny.yaml", "quickstart.yaml", "paper/qwen3_8b_insecure.yaml"}
 # The base each overlay is made for (its header's command says so); every other overlay goes on tiny.yaml.
 BASE_OF = {
@@ -53,7 +55,7 @@ def test_config_parses(rel):
     assert exit_info.value.code in (0, None)
 
 
-@pytest.mark.parametrize("rel", ALL)
+@pytest.mark.parametrize("rel", sorted(set(ALL) - PARSE_ONLY))
 def test_config_instantiates_with_its_values_and_reads_no_file(rel, tmp_path, monkeypatch):
     """The trainer, every callback, the module and the data module are built; every model/data value the YAML
     states is the one the built objects hold; and nothing reads a data or question file (the search path and the

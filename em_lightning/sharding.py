@@ -1,0 +1,139 @@
+"""FSDP2 for a LoRA model: which modules become sharded units, in what precision, and checkpoints of the adapter only.
+
+Used when the trainer's strategy is :class:`AdapterModelParallelStrategy` (``configs/strategy/fsdp2.yaml``), which
+gives the module a device mesh; :meth:`LoRAFineTune.configure_model` then calls :func:`shard_lora_model` after LoRA
+is applied (peft must see the whole, unsharded layers: LoRA added after sharding would size ``lora_B`` by the local
+shard of the output features).
+
+Units (``FSDPSpec.lora_units``):
+
+* ``own`` (default): every ``lora_A`` / ``lora_B`` linear is a unit of its own, then every transformer block, then
+  the decoder (embeddings, final norm) and the LM head. A block unit then holds only frozen weights, so FSDP keeps no
+  gradient buffers for them, and the fp32 adapter never shares a unit (one flat dtype) with a bf16 base.
+* ``block``: the adapter weights are sharded with their block (fewer, larger all-gathers). Needs base and adapter in
+  one dtype (FSDP2 refuses a unit of mixed original dtypes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class FSDPSpec:
+    """How the LoRA model is sharded when the strategy is FSDP2 (ignored otherwise).
+
+    Args:
+        lora_units: ``own`` (adapter linears as their own units; default) or ``block`` (with their block).
+        param_dtype: dtype of the all-gathered parameters in forward/backward (mixed precision); None: as stored.
+        reduce_dtype: dtype of the gradient reduce-scatter; fp32 keeps the adapter's gradient sums exact.
+        reshard_after_forward: free the gathered block weights after forward (less memory, one more all-gather in
+            backward).
+    """
+
+    lora_units: Literal["own", "block"] = "own"
+    param_dtype: Dtype | None = "bfloat16"
+    reduce_dtype: Dtype | None = "float32"
+    reshard_after_forward: bool = True
+
+
+def transformer_blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of a Hugging Face causal LM (``model.layers`` in Llama, Qwen, Gemma, Mistral ...)."""
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", lm)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"FSDP2: cannot find the transformer blocks of {type(lm).__name__} (no .layers)")
+    return list(layers)
+
+
+def lora_linears(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The trainable ``lora_A`` / ``lora_B`` linears under ``module``."""
+    return [m for name, m in module.named_modules() if name.rsplit(".", 2)[-2:-1] in (["lora_A"], ["lora_B"])
+            and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def shard_lora_model(peft_model: torch.nn.Module, mesh, spec: FSDPSpec) -> torch.nn.Module:
+    """Apply ``fully_shard`` to the adapter linears (``own``), every block, and the root, over ``mesh``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(
+        param_dtype=getattr(torch, spec.param_dtype) if spec.param_dtype else None,
+        reduce_dtype=getattr(torch, spec.reduce_dtype) if spec.reduce_dtype else None,
+    )
+    kwargs = {"mesh": mesh, "mp_policy": policy}
+    lm = peft_model.get_base_model()
+    for block in transformer_blocks(lm):
+        if spec.lora_units == "own":
+            for linear in lora_linears(block):
+                fully_shard(linear, reshard_after_forward=spec.reshard_after_forward, **kwargs)
+        fully_shard(block, reshard_after_forward=spec.reshard_after_forward, **kwargs)
+    # The decoder (embeddings, blocks, final norm) and the LM head are the two top units, not one root around the
+    # whole model: the supervised-only loss calls them one after the other (em_lightning.loss), and each call must
+    # run its own unit's all-gather. The full forward calls the same two.
+    fully_shard(lm.get_decoder(), **kwargs)
+    fully_shard(lm.get_output_embeddings(), **kwargs)
+    return peft_model
+
+
+class AdapterModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2 over a device mesh) with checkpoints of the adapter only.
+
+    The parent gathers the whole model's state dict — the frozen base included — before the module can filter it,
+    and its distributed load refuses a checkpoint without the base. Here the state dict is taken with
+    ``ignore_frozen_params`` (only the adapter is ever gathered), saved as one ordinary ``.ckpt`` file by rank zero
+    (the adapter and its optimizer state are small), and loaded on every rank into the sharded model with
+    ``strict=False`` for the absent base. Use ``save_distributed_checkpoint: false`` (the default here).
+    """
+
+    def __init__(self, data_parallel_size: int | Literal["auto"] = "auto", tensor_parallel_size: int = 1,
+                 save_distributed_checkpoint: bool = False, **kwargs):
+        if save_distributed_checkpoint:
+            raise ValueError("trainer.strategy.save_distributed_checkpoint: the adapter-only checkpoint is one file")
+        if tensor_parallel_size != 1:
+            raise ValueError("trainer.strategy.tensor_parallel_size: only 1 (FSDP2 data parallel) is supported")
+        super().__init__(data_parallel_size, tensor_parallel_size, save_distributed_checkpoint=False, **kwargs)
+
+    def setup_environment(self) -> None:
+        # The parent's "auto" shards over the nodes only (it assumes tensor parallelism inside a node); with tensor
+        # parallelism 1 every device of every node is one data-parallel (sharding) rank.
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        """The full optimizer state of the adapter, keyed by parameter name (rank zero; empty elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, optimizer, options=options)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = self.broadcast(str(checkpoint_path))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only)
+        self.lightning_module.on_load_checkpoint(checkpoint)  # checks the adapter's keys and shapes first
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
+        # A copy: set_model_state_dict fills the dict it is given in place (the base's keys too), and Lightning hands
+        # this checkpoint to the module's on_load_checkpoint again afterwards.
+        set_model_state_dict(self.model, dict(checkpoint["state_dict"]), options=options)
+        for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
+            set_optimizer_state_dict(self.model, optimizer, state, options=options)
+        return checkpoint

@@ -1,0 +1,145 @@
+"""Two CPU processes (gloo) give the same answers as one: DDP and FSDP2 adapters, the penalty, the spectra file,
+the logged loss, and a killed-and-resumed run. Each test starts ``python -m em_lightning fit`` as a subprocess
+(Lightning's launcher re-runs ``sys.argv``, which inside pytest would re-run pytest) with a timeout, so a hung
+rank fails the test instead of hanging CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import CONFIGS
+
+pytestmark = pytest.mark.slow
+TIMEOUT_S = 180
+STRATEGIES = {"ddp": [], "fsdp2": ["--model.fsdp.param_dtype", "float32"]}  # fp32 on CPU
+
+
+def _fit(cwd: Path, name: str, *args: str, devices: int = 1, strategy: str | None = None, popen: bool = False):
+    command = [sys.executable, "-m", "em_lightning", "fit", "--config", str(CONFIGS / "tiny.yaml"),
+               "--trainer.logger.init_args.name", name, "--trainer.devices", str(devices),
+               "--trainer.accelerator", "cpu", "--model.lora.dropout", "0.0"]
+    if strategy:
+        command += ["--config", str(CONFIGS / "strategy" / f"{strategy}.yaml"), *STRATEGIES[strategy]]
+    command += list(args)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(CONFIGS.parent)}  # tests.helpers' callbacks, from a run in a temp dir
+    cwd.mkdir(parents=True, exist_ok=True)
+    # Its own process group, so that a timeout (or the kill test) ends every rank, not only the launching one.
+    proc = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    if popen:
+        return proc
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"fit did not finish in {TIMEOUT_S}s (a hung rank?): {output[-3000:]}")
+    assert proc.returncode == 0, output[-6000:]
+    return max((cwd / "runs" / name).glob("version_*"))
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapters" / "final" / "adapter_model.safetensors")
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    from tbparse import SummaryReader
+
+    scalars = SummaryReader(str(run_dir), pivot=False).scalars
+    rows = scalars[scalars["tag"] == "train/loss"]
+    return dict(zip(rows["step"].tolist(), rows["value"].tolist()))
+
+
+def _spectra(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "spectra.jsonl").read_text().splitlines()]
+
+
+STEPS = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+         "--trainer.callbacks.every_n_train_steps", "1000",
+         "--config", str(CONFIGS / "callbacks" / "spectrum.yaml"), "--trainer.callbacks.every_n_steps", "1",
+         "--config", str(CONFIGS / "callbacks" / "spectral_penalty.yaml")]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process, batch 8, AdamW, spectral penalty and spectrum logger on, 3 steps."""
+    return _fit(tmp_path_factory.mktemp("one"), "one", *STEPS, "--data.batch_size", "8")
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_two_processes_train_the_one_process_adapter(tmp_path, one_process, strategy):
+    """2 processes x batch 4 = 1 process x batch 8 on the same rows: the same adapter (rtol 1e-4, atol 1e-6), the
+    same global token-weighted train/loss, and rank zero's spectra.jsonl equals the one-process file."""
+    two = _fit(tmp_path, strategy, *STEPS, "--data.batch_size", "4", devices=2, strategy=strategy)
+    reference, got = _adapter(one_process), _adapter(two)
+    assert set(got) == set(reference)
+    moved = max(float(t.abs().max()) for k, t in reference.items() if "lora_B" in k)
+    assert moved > 1e-3
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-6)
+    ref_losses, losses = _losses(one_process), _losses(two)
+    assert sorted(losses) == sorted(ref_losses) == [0, 1, 2]
+    assert [losses[s] for s in sorted(losses)] == pytest.approx([ref_losses[s] for s in sorted(ref_losses)], rel=1e-5)
+    ref_spectra, spectra = _spectra(one_process), _spectra(two)
+    assert [r["step"] for r in spectra] == [r["step"] for r in ref_spectra] == [0, 1, 2, 3]
+    for a, b in zip(spectra, ref_spectra):
+        assert set(a["modules"]) == set(b["modules"])
+        for name in b["modules"]:
+            assert a["modules"][name] == pytest.approx(b["modules"][name], rel=1e-4, abs=1e-7)
+
+
+def test_fsdp2_killed_after_a_checkpoint_resumes_with_the_uninterrupted_loss(tmp_path):
+    """A 2-process FSDP2 run killed (the whole process group, SIGKILL) after its step-3 checkpoint, resumed from
+    last.ckpt, logs the uninterrupted run's loss at step 4; the checkpoint holds adapter tensors only."""
+    common = ["--data.batch_size", "4", "--trainer.limit_val_batches", "0", "--trainer.callbacks.every_n_train_steps",
+              "3"]
+    full = _fit(tmp_path / "full", "full", *common, "--trainer.max_steps", "5", devices=2, strategy="fsdp2")
+    marker = tmp_path / "killed" / "hung"
+    marker.parent.mkdir()
+    proc = _fit(tmp_path / "killed", "run", *common, "--trainer.max_steps", "5",
+                "--trainer.callbacks+=tests.helpers.HangAfterCheckpoint", "--trainer.callbacks.step", "3",
+                "--trainer.callbacks.marker", str(marker), devices=2, strategy="fsdp2", popen=True)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if proc.poll() is not None:
+        pytest.fail(f"the run ended before its hang point: {proc.stdout.read()[-4000:]}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert marker.exists()
+    run_dir = max((tmp_path / "killed" / "runs" / "run").glob("version_*"))
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["global_step"] == 3 and saved["state_dict"] and all("lora_" in k for k in saved["state_dict"])
+    resumed = _fit(tmp_path / "killed", "run", *common, "--trainer.max_steps", "5", "--ckpt_path", str(ckpt),
+                   devices=2, strategy="fsdp2")
+    expected, got = _losses(full), _losses(resumed)
+    assert sorted(got) == [3, 4]  # the resumed run logs steps 4 and 5 only
+    assert got[3] == pytest.approx(expected[3], rel=1e-5) and got[4] == pytest.approx(expected[4], rel=1e-5)
+    torch.testing.assert_close(_adapter(resumed), _adapter(full), rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp2_adapter_dir_loads_in_peft_like_the_one_process_adapter(tmp_path, one_process):
+    from peft import PeftModel
+
+    from em_lightning.tiny import tiny_model
+
+    two = _fit(tmp_path, "fsdp2", *STEPS, "--data.batch_size", "4", devices=2, strategy="fsdp2")
+    ids = torch.randint(0, 250, (2, 11), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for run in (one_process, two):
+        model = PeftModel.from_pretrained(tiny_model("tiny-qwen3"), str(run / "adapters" / "final")).eval()
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
