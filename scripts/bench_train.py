@@ -20,13 +20,14 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
+import lightning as L
+import torch
 
-from em_lightning.data import ChatDataModule, load_rows, padding_fraction  # noqa: E402
-from em_lightning.lora import ALL_PROJECTIONS, LoRASpec  # noqa: E402
-from em_lightning.models import SMOLLM2, ModelSpec, resolve_model_dir  # noqa: E402
-from em_lightning.module import LoRAFineTune  # noqa: E402
+from em_lightning.batching import padding_fraction
+from em_lightning.data import ChatDataModule, load_rows
+from em_lightning.lora import ALL_PROJECTIONS, LoRASpec
+from em_lightning.models import SMOLLM2, ModelSpec, resolve_model_dir
+from em_lightning.module import LoRAFineTune
 
 
 class StepTimer(L.Callback):
