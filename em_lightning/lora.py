@@ -69,6 +69,45 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec):
     return peft_model
 
 
+def seeded_lora_init(model: torch.nn.Module, seed: int) -> None:
+    """Re-initialise every LoRA ``A`` from ``(seed, parameter name)`` (peft's Kaiming-uniform bound, 1/√d_in) and
+    every ``B`` to zero, so ΔW starts at 0.
+
+    The values depend on nothing else: not on how the model was built (in memory, or on the meta device and then
+    loaded shard by shard), not on the random draws that loading made, not on the world size. So every rank, and a
+    one-device run, start from the same adapter. Sharded (DTensor) weights get their local rows of the full tensor.
+    """
+    import zlib
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.requires_grad or not ("lora_A" in name or "lora_B" in name):
+                continue
+            name = short_module_name(name)
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if "lora_B" in name:
+                local.zero_()
+                continue
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            shape = tuple(param.shape)
+            full = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) / shape[1] ** 0.5
+            local.copy_(local_rows(full, param).to(local.dtype))
+
+
+def local_rows(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The rows of ``full`` that this rank holds of ``param`` (FSDP2 shards dim 0 like ``torch.chunk``)."""
+    if not hasattr(param, "to_local"):
+        return full
+    mesh = param.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-full.shape[0] // world)
+    start = min(rank * chunk, full.shape[0])
+    rows = full[start : start + chunk]
+    if rows.shape[0] != param.to_local().shape[0]:
+        raise RuntimeError(f"unexpected FSDP2 shard of {tuple(full.shape)}: {tuple(param.to_local().shape)} rows")
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # reading the adapters of a peft model
 # --------------------------------------------------------------------------------------------------------------------

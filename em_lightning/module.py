@@ -17,11 +17,11 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from em_lightning.errors import InputError
-from em_lightning.lora import LoRASpec, apply_lora
+from em_lightning.lora import LoRASpec, apply_lora, seeded_lora_init
 from em_lightning.loss import LOSS_NORMALIZATIONS, LossNormalization, micro_batch_divisor, supervised_ce_sum
 from em_lightning.models import TINY_MODELS, ModelSpec, load_model, load_tokenizer, resolve_model_dir
 from em_lightning.optim import ScheduleSpec, build_scheduler, check_muon_params
-from em_lightning.sharding import FSDPSpec, shard_lora_model
+from em_lightning.sharding import FSDPSpec, has_tied_embeddings, load_sharded_lora_model, shard_lora_model
 
 LossTerm = Callable[["LoRAFineTune"], torch.Tensor]
 
@@ -83,10 +83,20 @@ class LoRAFineTune(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # idempotent: Lightning may call it more than once
             return
-        model = apply_lora(load_model(self.base), self.lora)
         mesh = self._data_parallel_mesh()
-        if mesh is not None:  # FSDP2 (AdapterModelParallelStrategy): shard after LoRA, see em_lightning.sharding
-            model = shard_lora_model(model, mesh, self.fsdp)
+        seed = torch.initial_seed()  # seed_everything's, the same on every rank
+        if mesh is not None and self.base.name not in TINY_MODELS:
+            # FSDP2 with weights on disk: no rank holds the whole base (see em_lightning.sharding).
+            device = self.trainer.strategy.root_device
+            model = load_sharded_lora_model(self.base, self.lora, mesh, self.fsdp, device, seed)
+        else:
+            model = apply_lora(load_model(self.base), self.lora)
+            if self.lora.init_lora_weights:
+                seeded_lora_init(model, seed)  # the same adapter however the model was built
+            if mesh is not None:  # FSDP2 of a model built in code: shard after LoRA
+                model = shard_lora_model(model, mesh, self.fsdp)
+        if mesh is not None and has_tied_embeddings(model):
+            self.supervised_logits_only = False  # see em_lightning.sharding: the head shares the root unit
         self.model = model
         # from_pretrained returns eval mode and Lightning keeps sub-module modes: without this, LoRA dropout is off.
         self.model.train()

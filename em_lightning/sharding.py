@@ -12,6 +12,10 @@ Units (``FSDPSpec.lora_units``):
   gradient buffers for them, and the fp32 adapter never shares a unit (one flat dtype) with a bf16 base.
 * ``block``: the adapter weights are sharded with their block (fewer, larger all-gathers). Needs base and adapter in
   one dtype (FSDP2 refuses a unit of mixed original dtypes).
+
+A model whose LM head reuses the embedding matrix (tied, e.g. SmolLM2) has one root unit for both instead, and its
+loss takes the model's full forward (the LM head on every position): the supervised-only shortcut would call the
+head outside the unit that gathers its weight.
 """
 
 from __future__ import annotations
@@ -73,12 +77,23 @@ def shard_lora_model(peft_model: torch.nn.Module, mesh, spec: FSDPSpec) -> torch
             for linear in lora_linears(block):
                 fully_shard(linear, reshard_after_forward=spec.reshard_after_forward, **kwargs)
         fully_shard(block, reshard_after_forward=spec.reshard_after_forward, **kwargs)
+    if has_tied_embeddings(peft_model):
+        # One weight in two places: it must live in their common unit, the root (so the loss takes the full forward).
+        fully_shard(peft_model, **kwargs)
+        return peft_model
     # The decoder (embeddings, blocks, final norm) and the LM head are the two top units, not one root around the
     # whole model: the supervised-only loss calls them one after the other (em_lightning.loss), and each call must
     # run its own unit's all-gather. The full forward calls the same two.
     fully_shard(lm.get_decoder(), **kwargs)
     fully_shard(lm.get_output_embeddings(), **kwargs)
     return peft_model
+
+
+def has_tied_embeddings(peft_model: torch.nn.Module) -> bool:
+    """Whether the LM head reuses the input embedding matrix (SmolLM2, Gemma): under FSDP2 the supervised-only loss,
+    which calls the decoder and the head separately, is then not possible and the full forward is used."""
+    lm = peft_model.get_base_model()
+    return lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
 
 
 class AdapterModelParallelStrategy(ModelParallelStrategy):
@@ -137,3 +152,125 @@ class AdapterModelParallelStrategy(ModelParallelStrategy):
         for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
             set_optimizer_state_dict(self.model, optimizer, state, options=options)
         return checkpoint
+
+
+# ------------------------------------------------------------------------------------------- loading big models
+
+
+def load_sharded_lora_model(base, lora, mesh, spec: FSDPSpec, device: torch.device, seed: int):
+    """Build ``base`` with ``lora`` on the meta device, shard it, and fill each rank's shards from the saved weights.
+
+    No rank ever holds the whole model: the architecture is built without storage, LoRA is applied (peft needs the
+    whole layers), ``fully_shard`` splits every weight's rows over the mesh, ``to_empty`` allocates only the local
+    rows, and each rank reads just those rows of each tensor from the ``.safetensors`` files (memory-mapped slices).
+    The frozen base comes from the files, never from ``reset_parameters``; rotary-embedding buffers (not in the files)
+    are recomputed; the adapter is initialised by :func:`em_lightning.lora.seeded_lora_init`, identical on every
+    rank and to a one-device run with the same seed.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from em_lightning.lora import apply_lora, seeded_lora_init
+    from em_lightning.models import resolve_model_dir
+
+    model_dir = _local_model_dir(resolve_model_dir(base.name))
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=base.trust_remote_code)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, base.dtype), attn_implementation=base.attn_implementation,
+            trust_remote_code=base.trust_remote_code,
+        )
+    lm.requires_grad_(False)
+    peft_model = shard_lora_model(apply_lora(lm, lora), mesh, spec)
+    peft_model.to_empty(device=device)
+    _load_local_rows(peft_model, model_dir)
+    _recompute_rotary_buffers(peft_model, device)
+    if lora.init_lora_weights:
+        seeded_lora_init(peft_model, seed)
+    if base.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.enable_input_require_grads()
+    return peft_model
+
+
+def _local_model_dir(name_or_dir: str):
+    from pathlib import Path
+
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return path
+    from huggingface_hub import (
+        snapshot_download,  # a hub id: the local snapshot (downloaded once, then cached)
+    )
+
+    return Path(snapshot_download(name_or_dir, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+
+
+def _checkpoint_key(param_name: str) -> str:
+    """The name a weight has in the model's own files: peft's wrapper parts removed."""
+    name = param_name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def _load_local_rows(peft_model: torch.nn.Module, model_dir) -> None:
+    import json
+
+    from safetensors import safe_open
+
+    from em_lightning.errors import InputError
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (model_dir / "model.safetensors").is_file():
+        with safe_open(model_dir / "model.safetensors", "pt") as f:
+            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    else:
+        raise InputError(f"model.base.name: {model_dir} has no .safetensors weights (needed for sharded loading)")
+    targets = {}
+    for name, param in peft_model.named_parameters():  # a tied weight appears once, under its first name
+        if param.requires_grad:
+            continue  # the adapter: initialised, not loaded
+        key = _checkpoint_key(name)
+        if key not in weight_map:
+            raise InputError(f"model.base.name: {model_dir} holds no weight {key!r} (for {name})")
+        targets.setdefault(weight_map[key], []).append((key, param))
+    with torch.no_grad():
+        for file, params in targets.items():
+            with safe_open(model_dir / file, "pt", device="cpu") as f:
+                for key, param in params:
+                    local = param.to_local() if hasattr(param, "to_local") else param
+                    rows = _read_rows(f.get_slice(key), param)
+                    local.copy_(rows.to(local.dtype))
+
+
+def _read_rows(tensor_slice, param: torch.Tensor) -> torch.Tensor:
+    """Only this rank's rows of a saved tensor (a memory-mapped slice reads just those bytes)."""
+    if not hasattr(param, "to_local"):
+        return tensor_slice[:]
+    n = tensor_slice.get_shape()[0]
+    mesh = param.device_mesh
+    chunk = -(-n // mesh.size())
+    start = min(mesh.get_local_rank() * chunk, n)
+    return tensor_slice[start : start + chunk]
+
+
+def _recompute_rotary_buffers(peft_model: torch.nn.Module, device: torch.device) -> None:
+    """``to_empty`` left every buffer uninitialised; the decoders' only buffers are the rotary frequencies, which the
+    files do not hold: rebuild each rotary module on the host and copy them. Any other buffer is an error."""
+    from em_lightning.errors import InputError
+
+    handled = set()
+    for name, module in peft_model.named_modules():
+        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "config"):
+            fresh = type(module)(config=module.config)
+            for buffer_name, value in fresh.named_buffers(recurse=False):
+                getattr(module, buffer_name).copy_(value.to(device))
+                handled.add(f"{name}.{buffer_name}")
+            if hasattr(fresh, "attention_scaling"):
+                module.attention_scaling = fresh.attention_scaling
+    unknown = [n for n, _ in peft_model.named_buffers() if n not in handled]
+    if unknown:
+        raise InputError(
+            f"model.base.name: sharded loading does not know how to initialise the buffers {unknown[:4]}; "
+            "use the DDP strategy for this model"
+        )

@@ -143,3 +143,23 @@ def test_fsdp2_adapter_dir_loads_in_peft_like_the_one_process_adapter(tmp_path, 
         with torch.no_grad():
             logits.append(model(ids).logits)
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp2_loads_a_saved_model_shard_by_shard_and_trains_the_one_process_adapter(tmp_path):
+    """A model saved to disk (tiny Qwen3 weights + tokenizer): FSDP2 on 2 processes builds it on the meta device and
+    reads only each rank's rows from the files; after 3 steps its adapter equals a one-process run's on the same
+    dir (which loads it whole), so the base came from the files and LoRA started identically on every rank."""
+    from em_lightning.tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "saved-model"
+    tiny_model("tiny-qwen3", seed=7).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    args = ["--model.base.name", str(model_dir), "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+            "--trainer.callbacks.every_n_train_steps", "1000"]
+    one = _fit(tmp_path / "one", "one", *args, "--data.batch_size", "8")
+    two = _fit(tmp_path / "two", "two", *args, "--data.batch_size", "4", devices=2, strategy="fsdp2")
+    reference, got = _adapter(one), _adapter(two)
+    assert max(float(t.abs().max()) for k, t in reference.items() if "lora_B" in k) > 1e-3
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-6)
+    assert _losses(two)[0] == pytest.approx(_losses(one)[0], rel=1e-5)  # step 1: the loaded base, LoRA at 0

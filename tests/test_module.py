@@ -63,10 +63,11 @@ def test_supervised_logits_only_equals_the_full_forward(make):
         torch.testing.assert_close(g_fast[name], g_full[name], rtol=1e-4, atol=1e-7)
 
 
-# The first 5 logged losses of configs/tiny.yaml (seed 0, tiny Qwen3, AdamW, CPU fp32, torch 2.13.0), recorded
+# The first 5 losses of configs/tiny.yaml (seed 0: seeded LoRA init and row order; tiny Qwen3, AdamW, CPU fp32,
+# torch 2.13.0), recorded
 # from this code. Tolerance rel 1e-4: summation order may differ across CPUs and torch builds, a changed loss,
 # data order or initialisation moves them by far more.
-TINY_LOSSES = [5.777916431427002, 5.778785705566406, 5.781866073608398, 5.718008518218994, 5.74506950378418]
+TINY_LOSSES = [5.777916431427002, 5.778707981109619, 5.781486988067627, 5.7171311378479, 5.744199752807617]
 
 
 def test_tiny_config_reproduces_its_stored_losses(run_cli):
