@@ -214,16 +214,13 @@ def _checkpoint_key(param_name: str) -> str:
 def _load_local_rows(peft_model: torch.nn.Module, model_dir) -> None:
     import json
 
-    from safetensors import safe_open
-
     from em_lightning.errors import InputError
 
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
     elif (model_dir / "model.safetensors").is_file():
-        with safe_open(model_dir / "model.safetensors", "pt") as f:
-            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+        weight_map = dict.fromkeys(_safetensors_header(model_dir / "model.safetensors")[0], "model.safetensors")
     else:
         raise InputError(f"model.base.name: {model_dir} has no .safetensors weights (needed for sharded loading)")
     targets = {}
@@ -236,22 +233,57 @@ def _load_local_rows(peft_model: torch.nn.Module, model_dir) -> None:
         targets.setdefault(weight_map[key], []).append((key, param))
     with torch.no_grad():
         for file, params in targets.items():
-            with safe_open(model_dir / file, "pt", device="cpu") as f:
+            header, data_start = _safetensors_header(model_dir / file)
+            with open(model_dir / file, "rb", buffering=0) as f:
                 for key, param in params:
-                    local = param.to_local() if hasattr(param, "to_local") else param
-                    rows = _read_rows(f.get_slice(key), param)
-                    local.copy_(rows.to(local.dtype))
+                    _read_rows_into(f, header[key], data_start, param, f"{model_dir / file}: {key}")
 
 
-def _read_rows(tensor_slice, param: torch.Tensor) -> torch.Tensor:
-    """Only this rank's rows of a saved tensor (a memory-mapped slice reads just those bytes)."""
-    if not hasattr(param, "to_local"):
-        return tensor_slice[:]
-    n = tensor_slice.get_shape()[0]
-    mesh = param.device_mesh
-    chunk = -(-n // mesh.size())
-    start = min(mesh.get_local_rank() * chunk, n)
-    return tensor_slice[start : start + chunk]
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _safetensors_header(path) -> tuple[dict, int]:
+    """The tensor table of a ``.safetensors`` file (name → dtype, shape, byte range) and where its data starts."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _read_rows_into(f, entry: dict, data_start: int, param: torch.Tensor, where: str) -> None:
+    """Read this rank's rows of one saved tensor straight into its local shard.
+
+    Plain reads of the rows' byte range, not a memory map: mapped pages would count as the process's resident memory
+    (a map of the whole file on every rank is what sharded loading must avoid). Rows of a row-major tensor are one
+    contiguous range; FSDP2 gives each rank ``torch.chunk``'s rows of dim 0.
+    """
+    import math
+
+    local = param.to_local() if hasattr(param, "to_local") else param
+    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+    shape = entry["shape"]
+    if dtype is None or tuple(shape) != tuple(param.shape):
+        raise ValueError(f"{where}: saved as {entry['dtype']} {shape}, the model expects {tuple(param.shape)}")
+    n = shape[0] if shape else 1
+    if hasattr(param, "to_local"):
+        mesh = param.device_mesh
+        chunk = -(-n // mesh.size())
+        start = min(mesh.get_local_rank() * chunk, n)
+    else:
+        start = 0
+    rows = local.shape[0] if local.dim() else 1
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    buffer = torch.empty(local.shape, dtype=dtype) if (dtype != local.dtype or local.device.type != "cpu") else local
+    f.seek(data_start + entry["data_offsets"][0] + start * row_bytes)
+    view = memoryview(buffer.view(torch.uint8).numpy()).cast("B") if buffer.numel() else memoryview(b"")
+    if f.readinto(view) != rows * row_bytes:
+        raise ValueError(f"{where}: the file ended before the tensor's rows {start}..{start + rows}")
+    if buffer is not local:
+        local.copy_(buffer)
 
 
 def _recompute_rotary_buffers(peft_model: torch.nn.Module, device: torch.device) -> None:

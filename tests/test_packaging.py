@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -23,9 +24,16 @@ def test_non_editable_install_imports_callbacks_under_the_package_name(tmp_path)
     # The fresh venv sees this venv's dependencies (torch, lightning, ...) as a plain path entry: its .pth files,
     # among them the editable install's finder, are not run, so only the wheel built below provides em_lightning.
     (target / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # Built from a copy of the tracked files, so the build leaves nothing (build/, *.egg-info) in the checkout.
+    source = tmp_path / "source"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, check=True, capture_output=True, text=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (source / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, source / rel)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-compile", "-q",
-         "--target", str(target), str(REPO)],
+         "--target", str(target), str(source)],
         capture_output=True, text=True, timeout=600, check=False,
     )
     assert built.returncode == 0, built.stderr[-3000:]
