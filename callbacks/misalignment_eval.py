@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+from lightning.pytorch.accelerators import CUDAAccelerator
 
+from em_lightning.distributed import RankZeroWait
 from em_lightning.errors import InputError
 from em_lightning.evaluation.judge import JudgeConfig
 from em_lightning.evaluation.runner import EvalFailed, GenerationConfig, append_jsonl, summary_dict
@@ -150,6 +152,7 @@ class MisalignmentEval(L.Callback):
         # (step, scalars) from either thread, logged on the trainer's thread: loggers are not thread-safe.
         self._to_log: queue.SimpleQueue[tuple[int, dict[str, float]]] = queue.SimpleQueue()
         self.completed: list[dict] = []  # summaries (and failures) of this run's evals, for tests and scripts
+        self._rank_zero_wait: RankZeroWait | None = None
 
     # ------------------------------------------------------------------------------------------ life cycle
     def setup(self, trainer, pl_module, stage):
@@ -157,9 +160,20 @@ class MisalignmentEval(L.Callback):
             return
         # Every rank: a question file that cannot be used stops the run now, not N training steps in.
         self.session.load_questions()
+        # Collectives, so on every rank: the run dir (a broadcast) and the side group the other ranks wait in
+        # while rank zero starts the sidecar or evaluates (see em_lightning.distributed).
+        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if self._rank_zero_wait is None:
+            longest = max(self.eval_timeout_s, getattr(self.session.sidecar_config, "startup_timeout_s", 0.0))
+            self._rank_zero_wait = RankZeroWait(2 * longest + 300)
+        try:
+            self._start_on_rank_zero(trainer, pl_module)
+        finally:
+            self._rank_zero_wait.wait()
+
+    def _start_on_rank_zero(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or self.session.sidecar is not None:
             return
-        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         self._run_dir.mkdir(parents=True, exist_ok=True)
         # A sidecar that cannot start is a configuration error: fail before training. The module's weights dir
         # is what training is about to load anyway (None for tiny in-code models, which vLLM cannot serve).
@@ -167,6 +181,7 @@ class MisalignmentEval(L.Callback):
             model=getattr(pl_module, "base_model_dir", None),
             lora_rank=getattr(getattr(pl_module, "lora", None), "r", None),
             log_path=self._run_dir / "vllm_sidecar.log",
+            trainer_devices=trainer.num_devices if isinstance(trainer.accelerator, CUDAAccelerator) else 0,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="misalignment-eval")
 
@@ -187,6 +202,7 @@ class MisalignmentEval(L.Callback):
         if self.eval_at_end and trainer.global_step != self._last_step:
             self._trigger(trainer, pl_module, trainer.global_step)
         self._wait_pending(trainer)
+        self._rank_zero_wait.wait()  # the other ranks wait for the last eval here, not in a collective
 
     def on_exception(self, trainer, pl_module, exception):
         self._shutdown(wait=False)
@@ -195,6 +211,9 @@ class MisalignmentEval(L.Callback):
         if stage == "fit":
             self._shutdown(wait=True, trainer=trainer)
             self._log_results(trainer)  # before Lightning finalizes the loggers, right after this hook
+            if self._rank_zero_wait is not None:
+                self._rank_zero_wait.close()
+                self._rank_zero_wait = None
 
     def state_dict(self):
         return {"last_step": self._last_step}
@@ -205,6 +224,17 @@ class MisalignmentEval(L.Callback):
     # ----------------------------------------------------------------------------------------------- evals
     def _trigger(self, trainer, pl_module, step: int) -> None:
         self._last_step = step
+        adapter_dir = self._run_dir / "eval_adapters" / f"step_{step:08d}"
+        # Collective (FSDP2 gathers the sharded adapter), on the trainer's thread: the weights change next step.
+        pl_module.save_adapter(adapter_dir)
+        try:
+            self._evaluate_on_rank_zero(trainer, step, adapter_dir)
+        finally:
+            # Rank zero may wait here for an eval, a previous async one or a sidecar restart: the other ranks wait
+            # in the side group, whose timeout is the eval's, not in the next training collective.
+            self._rank_zero_wait.wait()
+
+    def _evaluate_on_rank_zero(self, trainer, step: int, adapter_dir: Path) -> None:
         if trainer.is_global_zero and self.session.sidecar is not None:
             self._wait_pending(trainer)  # at most one eval in flight
             try:
@@ -212,16 +242,13 @@ class MisalignmentEval(L.Callback):
             except Exception as err:  # noqa: BLE001 - a dead sidecar costs this eval only
                 self._record_failure(step, None, err)
                 self._log_results(trainer)
+                if not self.keep_adapters:
+                    shutil.rmtree(adapter_dir, ignore_errors=True)
             else:
-                adapter_dir = self._run_dir / "eval_adapters" / f"step_{step:08d}"
-                # Now, on the trainer's thread: the weights change with the next step.
-                pl_module.save_adapter(adapter_dir)
                 future = self._executor.submit(self._evaluate, step, adapter_dir)
                 self._pending = (step, future, time.monotonic())
                 if self.mode == "blocking":
                     self._wait_pending(trainer)
-        if self.mode == "blocking" and trainer.world_size > 1:
-            trainer.strategy.barrier("misalignment_eval")  # other ranks wait here, not inside a collective
 
     def _wait_pending(self, trainer) -> None:
         """Wait for the eval in flight (until its deadline), then log what it handed over."""

@@ -255,16 +255,20 @@ def parse_distribution(prompt: str) -> dict[str, float]:
 
 def serve_as_vllm(argv: list[str] | None = None) -> None:
     """Run a :class:`FakeOpenAI` in the foreground, taking the vLLM server arguments that the sidecar passes
-    (``--port``, ``--served-model-name``; others ignored) plus ``--fake-answers`` (JSON list of answers) and
-    ``--fake-tokenizer``."""
+    (``--port``, ``--served-model-name``; others ignored) plus ``--fake-answers`` (JSON list of answers),
+    ``--fake-tokenizer``, ``--fake-startup-delay-s`` and ``--fake-judge-hang-s``."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--served-model-name", default="base")
     parser.add_argument("--fake-answers", default='["an answer"]')
     parser.add_argument("--fake-tokenizer", default="whole")
+    parser.add_argument("--fake-startup-delay-s", type=float, default=0.0)  # a slow server start
+    parser.add_argument("--fake-judge-hang-s", type=float, default=0.0)  # a slow judge
     args, _ = parser.parse_known_args(argv)
+    threading.Event().wait(args.fake_startup_delay_s)
     fake = FakeOpenAI(tokenizer=args.fake_tokenizer, port=args.port)
     fake.base_name = args.served_model_name
     fake.answers = json.loads(args.fake_answers)
+    fake.judge_hang_s = args.fake_judge_hang_s
     print("fake vLLM server: Application startup complete", flush=True)
     fake._server.serve_forever()

@@ -126,3 +126,21 @@ def test_adapter_config_that_cannot_be_read_names_the_file(tmp_path):
             adapter_rank(tmp_path / "adapter")
     _adapter_dir(tmp_path, '{"r": 4, "rank_pattern": {"q_proj": 16}}')
     assert adapter_rank(tmp_path / "adapter") == 16
+
+
+def test_sidecar_gpus_come_from_the_jobs_own_list_after_trainings(monkeypatch):
+    from em_lightning.evaluation.sidecar import sidecar_visible_devices
+
+    assert sidecar_visible_devices("4,5,6", gpus=1, trainer_devices=2) == "6"  # a SLURM job's GPUs 4-6
+    assert sidecar_visible_devices(" 3, 7 ", gpus=1, trainer_devices=1) == "7"
+    with pytest.raises(InputError, match=r"sidecar\.gpus: 2 GPUs .* sees 3 .* first 2"):
+        sidecar_visible_devices("4,5,6", gpus=2, trainer_devices=2)
+    sidecar = VLLMSidecar(SidecarConfig(gpus=2, tensor_parallel_size=2, extra_args=["--enforce-eager"]),
+                          model_dir="m", lora_rank=8, trainer_devices=1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
+    assert sidecar.environment()["CUDA_VISIBLE_DEVICES"] == "3,5"
+    command = sidecar.command(port=1234)
+    assert command[command.index("--tensor-parallel-size") + 1] == "2" and command[-1] == "--enforce-eager"
+    both = VLLMSidecar(SidecarConfig(gpus=1, env={"CUDA_VISIBLE_DEVICES": "1"}), model_dir="m", lora_rank=8)
+    with pytest.raises(InputError, match="keep one"):
+        both.environment()

@@ -109,6 +109,7 @@ class EvalSession:
         adapter_dir: Path | None = None,
         lora_rank: int | None = None,
         log_path: Path | None = None,
+        trainer_devices: int = 0,
     ) -> EvalSession:
         """Read the questions, then start (or attach to) the sidecar and build the judge.
 
@@ -118,6 +119,7 @@ class EvalSession:
                 rank when ``lora_rank`` is None.
             lora_rank: rank of the adapters to come (sizes ``--max-lora-rank``).
             log_path: the server's log file when ``sidecar.log_file`` is not set.
+            trainer_devices: GPUs training uses, the first of the job's (``sidecar.gpus`` takes the next ones).
 
         Call it from the main thread where possible (the server's kill-on-parent-death signal, see
         :mod:`em_lightning.evaluation.sidecar`).
@@ -133,6 +135,7 @@ class EvalSession:
             lora_rank=lora_rank,
             log_path=log_path,
             cancel=self.cancel,
+            trainer_devices=trainer_devices,
         )
         sidecar.start()  # stops itself and raises with the log's tail if the server does not come up
         self.sidecar = sidecar

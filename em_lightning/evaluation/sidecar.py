@@ -87,6 +87,11 @@ class SidecarConfig:
             vLLM's.
         cpu_kvcache_gib: ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) for CPU builds (ignored by GPU builds).
         gpu_memory_utilization: fraction of the GPU the server may take (when it shares one with training).
+        gpus: how many of the job's own GPUs the server gets: the ones after those training uses, counted in the
+            job's ``CUDA_VISIBLE_DEVICES`` (so on a shared SLURM node it never takes another job's GPU); None:
+            the server sees what the trainer sees (one shared GPU, or CPU). Sets the server's
+            ``CUDA_VISIBLE_DEVICES``; do not also set it in ``env``.
+        tensor_parallel_size: ``--tensor-parallel-size`` (a large judged model over several sidecar GPUs).
         extra_args: more server arguments, e.g. ``["--enforce-eager"]``.
         env: more environment variables for the server.
         startup_timeout_s: how long to wait for ``/health``.
@@ -107,12 +112,33 @@ class SidecarConfig:
     dtype: str | None = None
     cpu_kvcache_gib: int | None = 2
     gpu_memory_utilization: float | None = None
+    gpus: int | None = None
+    tensor_parallel_size: int = 1
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 300.0
     max_retries: int = 2
     log_file: str | None = None
+
+
+def sidecar_visible_devices(job_visible: str | None, gpus: int, trainer_devices: int) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a sidecar of ``gpus`` GPUs: the job's own GPUs after the first
+    ``trainer_devices`` (Lightning gives local rank i the i-th visible GPU). ``job_visible`` is the job's variable
+    (SLURM sets it to the GPUs it allotted); unset, every GPU of the machine is the job's."""
+    if job_visible is not None:
+        ids = [d.strip() for d in job_visible.split(",") if d.strip()]
+    else:
+        import torch
+
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+    chosen = ids[trainer_devices : trainer_devices + gpus]
+    if gpus < 1 or len(chosen) < gpus:
+        raise InputError(
+            f"sidecar.gpus: {gpus} GPUs asked for the sidecar, but the job sees {len(ids)} "
+            f"(CUDA_VISIBLE_DEVICES={job_visible!r}) and training uses the first {trainer_devices}"
+        )
+    return ",".join(chosen)
 
 
 def default_vllm_python() -> str:
@@ -217,8 +243,10 @@ class VLLMSidecar:
         lora_rank: int | None = None,
         log_path: str | Path | None = None,
         cancel: threading.Event | None = None,
+        trainer_devices: int = 0,
     ):
         self.config = config
+        self.trainer_devices = trainer_devices  # GPUs training uses: the first ones of the job's list
         self.model_dir = config.model or model_dir
         self.max_lora_rank = config.max_lora_rank or lora_rank_for_vllm(lora_rank or 16)
         given = config.log_file or log_path
@@ -266,6 +294,8 @@ class VLLMSidecar:
             args += ["--dtype", c.dtype]
         if c.gpu_memory_utilization is not None:
             args += ["--gpu-memory-utilization", str(c.gpu_memory_utilization)]
+        if c.tensor_parallel_size != 1:
+            args += ["--tensor-parallel-size", str(c.tensor_parallel_size)]
         return args + list(c.extra_args)
 
     def environment(self) -> dict[str, str]:
@@ -279,6 +309,12 @@ class VLLMSidecar:
         if self.config.cpu_kvcache_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.config.cpu_kvcache_gib))
         env.update({k: str(v) for k, v in self.config.env.items()})
+        if self.config.gpus is not None:
+            if "CUDA_VISIBLE_DEVICES" in self.config.env:
+                raise InputError("sidecar.gpus and sidecar.env.CUDA_VISIBLE_DEVICES both choose GPUs: keep one")
+            env["CUDA_VISIBLE_DEVICES"] = sidecar_visible_devices(
+                os.environ.get("CUDA_VISIBLE_DEVICES"), self.config.gpus, self.trainer_devices
+            )
         return env
 
     def start(self) -> VLLMSidecar:
