@@ -61,15 +61,43 @@ class TokenizedDataset(Dataset):
 
 class ChatCollator:
     """Pads rows to the longest one (right padding): ``input_ids``, ``attention_mask``, ``labels``, plus host-side
-    counts ``n_tokens`` (non-padding) and ``n_supervised``, and for a :class:`MicroBatch` its step's counts."""
+    counts ``n_tokens`` (non-padding) and ``n_supervised``, and for a :class:`MicroBatch` its step's counts.
 
-    def __init__(self, pad_token_id: int):
+    With ``padding_free`` the micro-batch's rows are laid end to end in one row of width ``n_tokens`` instead
+    (the same rows; nothing is packed up to ``max_length``): ``input_ids``, ``labels`` and ``position_ids``
+    (restarting at 0 at every row), ``[1, n_tokens]``, and no ``attention_mask``, so transformers masks attention
+    block-diagonally from the position ids (see :mod:`em_lightning.loss`). The label at each row's start is
+    ``-100``: it would otherwise be predicted from the previous row's last token. The counts are those of the
+    padded layout.
+    """
+
+    def __init__(self, pad_token_id: int, padding_free: bool = False):
         self.pad_token_id = pad_token_id
+        self.padding_free = padding_free
 
     def __call__(self, items) -> dict:
         micro = None
         if isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], MicroBatch):
             items, micro = items
+        batch = self._flat(items) if self.padding_free else self._padded(items)
+        if micro is not None:
+            batch.update(step_supervised_tokens=micro.step_supervised_tokens, window_pos=micro.window_pos,
+                         window_len=micro.window_len)
+        return batch
+
+    @staticmethod
+    def _flat(items) -> dict:
+        labels = [it["labels"].clone() for it in items]
+        for row in labels:
+            row[0] = IGNORE_INDEX  # never predicted from the previous row (nor, in row 0, at all)
+        labels = torch.cat(labels)
+        lengths = [len(it["input_ids"]) for it in items]
+        return {"input_ids": torch.cat([it["input_ids"] for it in items]).unsqueeze(0),
+                "position_ids": torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0),
+                "labels": labels.unsqueeze(0), "n_tokens": sum(lengths),
+                "n_supervised": int((labels != IGNORE_INDEX).sum())}
+
+    def _padded(self, items) -> dict:
         width = max(len(it["input_ids"]) for it in items)
         input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
@@ -82,12 +110,8 @@ class ChatCollator:
             attention_mask[i, :n] = 1
             n_tokens += n
             n_supervised += int((it["labels"][1:] != IGNORE_INDEX).sum())
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                 "n_tokens": n_tokens, "n_supervised": n_supervised}
-        if micro is not None:
-            batch.update(step_supervised_tokens=micro.step_supervised_tokens, window_pos=micro.window_pos,
-                         window_len=micro.window_len)
-        return batch
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "n_tokens": n_tokens, "n_supervised": n_supervised}
 
 
 class StepSampler(DistributedSampler):
@@ -223,10 +247,10 @@ class ResumableDataLoader(DataLoader):
 
 
 def padding_fraction(loader: DataLoader) -> float:
-    """Share of token positions in one pass over ``loader`` that are padding (0 = none)."""
+    """Share of token positions in one pass over ``loader`` that are padding (0 = none; padding-free batches)."""
     pad = total = 0
     for batch in loader:
-        mask = batch["attention_mask"]
-        pad += int((mask == 0).sum())
-        total += mask.numel()
+        mask = batch.get("attention_mask")
+        pad += 0 if mask is None else int((mask == 0).sum())  # padding-free batches have none
+        total += batch["input_ids"].numel()
     return pad / total if total else 0.0
