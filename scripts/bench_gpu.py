@@ -255,25 +255,35 @@ def timed(ends: list[float], tokens: list[int], warmup: int) -> dict:
 
 
 def run_em(args, rows, device, dtype, *, padding_free=False, compile=False, chunk=None, attn="sdpa",
-           spectra=False, steps=None) -> dict:
+           spectra=False, steps=None, fsdp2=False) -> dict:
     import em_lightning.module as module_mod
     from em_lightning.batching import ChatCollator, ResumableDataLoader, StepSampler, TokenizedDataset
     from em_lightning.lora import LoRASpec
     from em_lightning.models import ModelSpec
+    from em_lightning.sharding import FSDPSpec
 
     steps = steps or args.steps
     # Drive the real configure_model (LoRA, seeded init, compile) with a model built here instead of loaded.
     module_mod.load_model = lambda spec: build_base(args.shape, device, dtype, attn)
+    name = f"{args.shape}-shaped-random"
+    if fsdp2:  # built in memory like a tiny model (there are no weight files to read shard by shard), then sharded
+        module_mod.TINY_MODELS = (*module_mod.TINY_MODELS, name)
     dataset = TokenizedDataset(rows)
     sampler = StepSampler(dataset, args.batch_size, args.accumulate, group_by_length=True, seed=0)
     loader = ResumableDataLoader(dataset, sampler, ChatCollator(PAD_ID, padding_free))
     fused = device.type == "cuda"
     module = module_mod.LoRAFineTune(
-        base=ModelSpec(name=f"{args.shape}-shaped-random", dtype=str(dtype).split(".")[1], attn_implementation=attn),
+        base=ModelSpec(name=name, dtype=str(dtype).split(".")[1], attn_implementation=attn),
         lora=LoRASpec(r=args.rank, alpha=args.alpha, dropout=0.0, use_rslora=True, target_modules=list(SEVEN)),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=fused),
         loss_chunk_size=chunk, compile=compile,
+        fsdp=FSDPSpec(param_dtype="bfloat16" if device.type == "cuda" else None, reduce_dtype="float32"),
     )
+    strategy = "auto"
+    if fsdp2:
+        from em_lightning.sharding import AdapterModelParallelStrategy
+
+        strategy = AdapterModelParallelStrategy()  # world size 1: FSDP2's units and hooks, nothing to shard over
     clock = StepClock()
     callbacks, logger, note = [], False, ""
     tmp = tempfile.TemporaryDirectory()
@@ -292,7 +302,8 @@ def run_em(args, rows, device, dtype, *, padding_free=False, compile=False, chun
             logger, note = False, f"no TensorBoard ({type(err).__name__}): histograms/images not built"
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-        precision="bf16-mixed" if device.type == "cuda" else "32-true", max_steps=args.warmup + steps,
+        precision="bf16-mixed" if device.type == "cuda" and not fsdp2 else "32-true", strategy=strategy,
+        max_steps=args.warmup + steps,
         accumulate_grad_batches=args.accumulate, gradient_clip_val=1.0, logger=logger, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[*callbacks, clock], default_root_dir=tmp.name, log_every_n_steps=1,
@@ -490,6 +501,8 @@ def main(argv=None) -> dict:
                                                chunk=args.chunk)),
     ]
     plan.append(("em best+spectra", None))  # settings of the fastest em row, filled in when its turn comes
+    # The distributed issue's row: FSDP2 (bf16 all-gather, fp32 reduce) at world size 1, padding-free.
+    plan.append(("em fsdp2 ws1", lambda: run_em(args, rows, device, dtype, padding_free=True, fsdp2=True)))
     if have_trl:
         plan += [("TRL padded", lambda: run_trl(args, rows, device, dtype, False)),
                  ("TRL padding-free", lambda: run_trl(args, rows, device, dtype, True))]
