@@ -21,7 +21,7 @@ from em_lightning.errors import InputError
 from em_lightning.lora import LoRASpec, apply_lora, seeded_lora_init
 from em_lightning.loss import LOSS_NORMALIZATIONS, LossNormalization, micro_batch_divisor, supervised_ce_sum
 from em_lightning.models import TINY_MODELS, ModelSpec, load_model, load_tokenizer, resolve_model_dir
-from em_lightning.optim import ScheduleSpec, build_scheduler, check_muon_params
+from em_lightning.optim import ScheduleSpec, build_scheduler, check_optimizer_params, optimizer_class
 from em_lightning.sharding import FSDPSpec, has_tied_embeddings, load_sharded_lora_model, shard_lora_model
 
 LossTerm = Callable[["LoRAFineTune"], torch.Tensor]
@@ -243,12 +243,11 @@ class LoRAFineTune(L.LightningModule):
     # ------------------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        check_optimizer_params(optimizer_class(self.optimizer_factory), named)  # before the call, naming the key
         try:
             optimizer = self.optimizer_factory([p for _, p in named])
-        except Exception as err:  # name the config key, and explain the common Muon case
-            if "muon" in str(err).lower() or "2d" in str(err).lower():
-                check_muon_params(named)
-            raise ValueError(f"model.optimizer: building the optimiser failed: {err}") from err
+        except Exception as err:  # name the config key
+            raise InputError(f"model.optimizer: building the optimiser failed: {err}") from err
         scheduler = build_scheduler(optimizer, self.schedule, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

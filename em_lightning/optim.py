@@ -15,6 +15,8 @@ import torch
 from torch.optim import AdamW, Muon, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from em_lightning.errors import InputError
+
 
 class MuonWithAdamW(Optimizer):
     """Muon for every 2-D parameter, AdamW for the rest, as a single optimiser.
@@ -94,12 +96,33 @@ def _flatten_params(params):
     return out
 
 
+def optimizer_class(factory) -> type | None:
+    """The optimiser class behind ``model.optimizer`` (a class, or jsonargparse's partial holding it), if known."""
+    if isinstance(factory, type):
+        return factory
+    return next((a for a in getattr(factory, "args", ()) if isinstance(a, type)), getattr(factory, "func", None))
+
+
+def check_optimizer_params(cls, named_params: list[tuple[str, torch.Tensor]]) -> None:
+    """Config-level errors, before the optimiser is built: plain ``torch.optim.Muon`` given a parameter that is not
+    2-D, and Muon (either form) given sharded FSDP2 weights (its orthogonalisation needs whole matrices)."""
+    if not isinstance(cls, type) or not issubclass(cls, (torch.optim.Muon, MuonWithAdamW)):
+        return
+    if any(hasattr(p, "to_local") for _, p in named_params):
+        raise InputError(
+            "model.optimizer: Muon orthogonalises whole matrices, and under FSDP2 each rank holds only rows of "
+            "them; use DDP (configs/strategy/ddp.yaml) with Muon, or another optimiser with FSDP2"
+        )
+    if issubclass(cls, torch.optim.Muon):  # MuonWithAdamW routes the non-matrices to AdamW itself
+        check_muon_params(named_params)
+
+
 def check_muon_params(named_params: list[tuple[str, torch.Tensor]]) -> None:
     """Raise a config-level error when plain ``torch.optim.Muon`` would get a parameter that is not 2-D."""
     bad = [(n, tuple(p.shape)) for n, p in named_params if p.ndim != 2]
     if bad:
         shown = ", ".join(f"{n} {s}" for n, s in bad[:3])
-        raise ValueError(
+        raise InputError(
             f"model.optimizer: torch.optim.Muon only takes 2-D parameters, but {len(bad)} trainable parameters are "
             f"not 2-D ({shown}). Use class_path em_lightning.optim.MuonWithAdamW (Muon for matrices, AdamW for the "
             "rest), e.g. --config configs/optim/muon.yaml"

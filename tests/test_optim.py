@@ -107,3 +107,18 @@ def test_unknown_optimiser_class_path_is_a_config_error(run_cli, capsys):
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert "model.optimizer" in err and "NoSuchOptimizer" in err
+
+
+def test_muon_refuses_sharded_weights_before_it_is_built():
+    from em_lightning.optim import check_optimizer_params, optimizer_class
+
+    class Sharded(torch.nn.Parameter):  # stands for an FSDP2 DTensor: it has to_local()
+        def to_local(self):
+            return self
+
+    named = [("lora_A", Sharded(torch.zeros(4, 8)))]
+    for cls in (MuonWithAdamW, torch.optim.Muon):
+        with pytest.raises(ValueError, match=r"model\.optimizer: Muon .* FSDP2"):
+            check_optimizer_params(cls, named)
+    check_optimizer_params(torch.optim.AdamW, named)  # elementwise optimisers shard fine
+    assert optimizer_class(functools.partial(lambda *a: None, object(), torch.optim.SGD)) is torch.optim.SGD
