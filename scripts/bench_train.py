@@ -184,8 +184,12 @@ def main():
     print("settings:", json.dumps(settings))
     results = {f"em_lightning {v}": {"t": [], "n": [], "pad": 0.0, "mem": 0.0} for v in variants}
     results.update({f"TRL {v}": {"t": [], "n": [], "pad": 0.0, "mem": 0.0} for v in trl_variants})
+    # TRL first in each round: the em_lightning runs leave the process larger (compiled graphs, allocator caches),
+    # and a 24 GB machine once killed a TRL run that came after all five.
+    order = [n for n in results if n.startswith("TRL")] + [n for n in results if not n.startswith("TRL")]
     for r in range(args.rounds):
-        for name, res in results.items():
+        for name in order:
+            res = results[name]
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             if name.startswith("TRL"):
@@ -198,7 +202,8 @@ def main():
             res["pad"] = pad
             if args.device == "cuda":
                 res["mem"] = max(res["mem"], torch.cuda.max_memory_allocated() / 2**30)
-            print(f"round {r}: {name:<26} {len(times)} steps {sum(times):.1f} s", flush=True)
+            print(f"round {r}: {name:<26} {len(times)} steps {sum(times):.1f} s, {sum(tokens) / sum(times):.0f} "
+                  f"tokens/s", flush=True)
 
     def rates(res):
         return len(res["t"]) / sum(res["t"]), sum(res["n"]) / sum(res["t"])
