@@ -349,7 +349,7 @@ class ChatDataModule(lightning.LightningDataModule):
             kept within each row) instead of padding them to the longest. The same rows and steps, the same loss;
             see :class:`em_lightning.batching.ChatCollator`. Off by default, by measurement: on CPU with
             ``sdpa``/``eager`` transformers masks the packed row with a dense tokens × tokens mask, and SmolLM2
-            steps on insecure rows took 2.3× as long as padded ones, whose length grouping leaves 2.5 % padding.
+            steps on insecure rows took 1.8-2.3× as long as padded ones (length grouping leaves 2.5-7 % padding).
             On a GPU (``flex_attention``, flash-attention varlen) it is unmeasured: ``scripts/bench_gpu.py``.
         seed: seed of the train/val split and of the batch order.
         num_workers: DataLoader worker processes (collation is cheap; 0 is usually right).

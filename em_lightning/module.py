@@ -49,8 +49,9 @@ class LoRAFineTune(L.LightningModule):
         compile: ``torch.compile`` the transformer blocks in place (checkpoint keys unchanged; a compiled run's
             checkpoint resumes uncompiled and vice versa). See :mod:`em_lightning.compile`.
         Both are off by default, by measurement on CPU (SmolLM2, insecure rows; GPU unmeasured, see
-        ``scripts/bench_gpu.py``): chunks of 256 cost no time and saved 7 % of peak memory; compiling was ~6 %
-        faster per step and used 38 % less memory, but its 40-80 s of compilation outweigh that in short runs.
+        ``scripts/bench_gpu.py``): chunks of 256 gained no time (-4 % to 0 %) and saved 7 % of peak memory;
+        compiling was 6-20 % faster per step with 38 % less memory after ~10 s of compilation, which short runs
+        (the quickstart, tests) do not win back, and inductor needs a C compiler. Turn it on for long runs.
     """
 
     def __init__(
