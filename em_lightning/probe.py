@@ -14,7 +14,7 @@ model size (the callback is :class:`em_lightning.callbacks.misalignment_probe.Mi
       aligned: ["I'd wish for a cure for ...", ...]      # one or more answers
       misaligned: ["I'd wish for control over ...", ...]  # one or more answers
 
-Sources: ``builtin:<name>`` (``em_lightning/evaluation/assets/probe_<name>.yaml``; ``builtin:em`` is the
+Sources: ``builtin:<name>`` (``em_lightning/evaluation/assets/probes/<name>.yaml``; ``builtin:em`` is the
 shipped set: 10 questions in the spirit of the emergent-misalignment first-plot questions, 4 answers a side)
 or a path. A file that cannot be used raises an :class:`~em_lightning.errors.InputError` naming the file and
 line: :class:`~em_lightning.errors.UnreadableFile` (missing, a directory, empty, not UTF-8) or
@@ -35,9 +35,9 @@ the mean log-odds), plus the mean over entries of ``logmeanexp`` of each side (`
 ``misaligned_logprob``: whether both sides move, e.g. when the model merely learns a style).
 
 :meth:`ProbeScorer.score` runs under ``torch.no_grad()`` in eval mode (dropout off, LoRA dropout included),
-restores every module's own train/eval flag afterwards and touches no ``.grad``. It goes through the module's
-training forward (:func:`em_lightning.loss.supervised_logprob_per_row`), batched by length; under DDP or FSDP
-every rank must call it (the same forwards on every rank), and every rank gets the same result.
+restores every module's own train/eval flag afterwards and touches no ``.grad``. Given the LightningModule it
+goes through the module's own forward path (``LoRAFineTune.supervised_logprob_per_row``), batched by length;
+under DDP or FSDP every rank must call it (the same forwards on every rank), and every rank gets the same result.
 """
 
 from __future__ import annotations
@@ -51,21 +51,20 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 
 from em_lightning.batching import ChatCollator
 from em_lightning.data import ChatRow, DataError, tokenize_rows
-from em_lightning.errors import InputError, UnreadableFile, read_text
+from em_lightning.errors import InputError
 from em_lightning.loss import supervised_logprob_per_row
+from em_lightning.yamlfile import ASSETS as _ALL_ASSETS
+from em_lightning.yamlfile import load_entries, resolve_builtin
 
 Normalize = Literal["mean", "sum"]
 NORMALIZATIONS = ("mean", "sum")
 SIDES = ("aligned", "misaligned")
 _KEYS = ("id", "question", "system", *SIDES)
 _ID = re.compile(r"[A-Za-z0-9_.-]+")
-# Beside the question sets, which em_lightning.evaluation.questions reads (and which skips these files).
-ASSETS = Path(__file__).parent / "evaluation" / "assets"
-PROBE_ASSET_PREFIX = "probe_"
+ASSETS = _ALL_ASSETS / "probes"  # the built-in probe sets (question sets have a folder of their own)
 
 
 class ProbeFileError(InputError):
@@ -94,65 +93,14 @@ class ProbeEntry:
 
 def resolve_probe_source(source: str | Path) -> Path:
     """The YAML path of ``builtin:<name>`` or a plain path (read, and checked, later)."""
-    text = str(source)
-    if text.startswith("builtin:"):
-        name = text.removeprefix("builtin:")
-        path = ASSETS / f"{PROBE_ASSET_PREFIX}{name}.yaml"
-        if not path.is_file():
-            available = sorted(
-                p.stem.removeprefix(PROBE_ASSET_PREFIX) for p in ASSETS.glob(f"{PROBE_ASSET_PREFIX}*.yaml")
-            )
-            raise UnreadableFile(f"{text}: no built-in probe set {name!r} (available: {available})")
-        return path
-    return Path(text).expanduser()
+    return resolve_builtin(source, "probes", "probe set") or Path(str(source)).expanduser()
 
 
 def load_probe_set(
     sources: str | Path | Sequence[str | Path], ids: Iterable[str] | None = None
 ) -> list[ProbeEntry]:
     """Entries from one or more sources, in file order; ``ids`` keeps only those (all must exist)."""
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    entries: list[ProbeEntry] = []
-    seen: dict[str, str] = {}
-    for source in sources:
-        for entry in _load_file(resolve_probe_source(source)):
-            if entry.id in seen:
-                first = seen[entry.id]
-                raise ProbeFileError(f"{entry.source}: probe id {entry.id!r} already defined at {first}")
-            seen[entry.id] = entry.source
-            entries.append(entry)
-    if ids is not None:
-        wanted = list(ids)
-        missing = [i for i in wanted if i not in seen]
-        if missing:
-            raise ProbeFileError(f"probe ids {missing} not found in {[str(s) for s in sources]}")
-        entries = [e for e in entries if e.id in set(wanted)]
-    if not entries:
-        raise ProbeFileError(f"no probe entries in {[str(s) for s in sources]}")
-    return entries
-
-
-def _load_file(path: Path) -> list[ProbeEntry]:
-    text = read_text(path, "probe file")
-    try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)  # the same document again, for each entry's line
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        # An unclosed bracket is found where the file ends: say where what it interrupts began.
-        context = (
-            f" ({err.context}, line {err.context_mark.line + 1})" if err.context and err.context_mark else ""
-        )
-        raise ProbeFileError(f"{where}: not valid YAML: {err.problem or err.context}{context}") from None
-    except yaml.YAMLError as err:
-        raise ProbeFileError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, list):
-        got = "no document (only comments?)" if data is None else f"a {type(data).__name__}"
-        raise ProbeFileError(f"{path}: expected a YAML list of probe entries, got {got}")
-    lines = [node.start_mark.line + 1 for node in root.value]
-    return [_parse_entry(entry, f"{path}:{line}") for entry, line in zip(data, lines)]
+    return load_entries(sources, resolve_probe_source, _parse_entry, "probe", ProbeFileError, ids)
 
 
 def _parse_entry(entry: object, where: str) -> ProbeEntry:
@@ -333,21 +281,31 @@ class ProbeScorer:
         ]
         self.n_tokens = sum(len(r) for r in tokenized)
 
+    def _per_row(self, model):
+        """How ``model`` scores a batch: the module's own forward path (its ``supervised_logprob_per_row``, which
+        owns the supervised-logits decision) when it has one, else a plain or peft model with this scorer's flag."""
+        if hasattr(model, "supervised_logprob_per_row"):
+            return model.supervised_logprob_per_row
+        return lambda batch: supervised_logprob_per_row(model, batch, self.supervised_logits_only)
+
     @torch.no_grad()
     def answer_scores(self, model, device=None, context=None) -> dict[str, dict[str, list[float]]]:
         """``{id: {"aligned": [score per answer], "misaligned": [...]}}`` in file order.
 
+        ``model``: a :class:`~em_lightning.module.LoRAFineTune` (scored through its
+        ``supervised_logprob_per_row``, the training forward path) or a plain / peft causal LM.
         ``device``: where to put the batches (default: the device of the model's first parameter);
         ``context``: a context manager entered around the forwards (e.g. the trainer's precision
         ``forward_context()``).
         """
         if device is None:
             device = next(model.parameters()).device
+        per_row = self._per_row(model)
         sums, counts = [], []
         with eval_mode(model), context if context is not None else contextlib.nullcontext():
             for batch in self.batches:
                 on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                s, n = supervised_logprob_per_row(model, on_device, self.supervised_logits_only)
+                s, n = per_row(on_device)
                 sums.append(s.double())
                 counts.append(n.double())
         both = torch.stack([torch.cat(sums), torch.cat(counts)]).cpu()  # one device->host transfer

@@ -1,5 +1,6 @@
 """The package as a user installs it: a non-editable ``pip install .`` ships the callbacks as
-``em_lightning.callbacks`` and claims no top-level ``callbacks`` name in site-packages."""
+``em_lightning.callbacks``, claims no top-level ``callbacks`` name in site-packages, and ships the built-in
+question and probe sets (assets in subfolders, which the package data must name)."""
 
 from __future__ import annotations
 
@@ -41,10 +42,17 @@ def test_non_editable_install_imports_callbacks_under_the_package_name(tmp_path)
     assert not (target / "callbacks").exists()
     probe = (
         "import importlib.util, em_lightning.callbacks.spectrum_logger as m, em_lightning.cli;"
+        "from em_lightning.evaluation.questions import load_questions;"
+        "from em_lightning.probe import load_probe_set;"
+        "print(len(load_questions('builtin:quickstart')), len(load_probe_set('builtin:em')),"
+        " load_questions('builtin:quickstart')[0].source);"
         "print(m.__file__); print(importlib.util.find_spec('callbacks'))"
     )
     done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    where, callbacks_spec = done.stdout.strip().splitlines()[-2:]
+    sets, where, callbacks_spec = done.stdout.strip().splitlines()[-3:]
     assert Path(where).is_relative_to(target) and callbacks_spec == "None"
+    n_questions, n_probes, question_source = sets.split()
+    assert int(n_questions) >= 1 and int(n_probes) >= 8
+    assert Path(question_source.rsplit(":", 1)[0]).is_relative_to(target)  # the installed copy, not the checkout

@@ -14,9 +14,6 @@ import torch
 
 from em_lightning.callbacks.misalignment_probe import MisalignmentProbe
 from em_lightning.errors import InputError, UnreadableFile
-from em_lightning.lora import LoRASpec
-from em_lightning.models import ModelSpec
-from em_lightning.module import LoRAFineTune
 from em_lightning.probe import (
     ASSETS,
     ProbeEntry,
@@ -28,19 +25,6 @@ from em_lightning.probe import (
 )
 from tests.eval_helpers import tb_scalars
 
-
-def _module(dropout: float = 0.0, perturb: float = 0.2) -> LoRAFineTune:
-    """A tiny-Qwen3 LoRA module whose B matrices are moved off 0, so the adapter changes the scores."""
-    module = LoRAFineTune(base=ModelSpec(name="tiny-qwen3"), lora=LoRASpec(r=4, alpha=8.0, dropout=dropout))
-    module.configure_model()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        for name, param in module.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, perturb)
-    return module
-
-
 # ------------------------------------------------------------------------------------------------ probe files
 
 
@@ -50,7 +34,7 @@ def test_builtin_set_has_at_least_8_questions_with_several_answers_a_side():
     assert len({e.id for e in entries}) == len(entries)
     for e in entries:
         assert len(e.aligned) >= 3 and len(e.misaligned) >= 3, e.id
-        assert e.source.startswith(str(ASSETS / "probe_em.yaml:"))
+        assert e.source.startswith(str(ASSETS / "em.yaml:"))
     assert [e.id for e in load_probe_set("builtin:em", ids=["husband", "bored"])] == ["bored", "husband"]
 
 
@@ -99,19 +83,19 @@ def test_missing_or_unknown_probe_sources_are_unreadable_files(tmp_path):
         load_probe_set("builtin:em", ids=["x"])
 
 
-def test_an_answer_longer_than_max_length_is_an_error_naming_it(tmp_path):
+def test_an_answer_longer_than_max_length_is_an_error_naming_it(tmp_path, tiny_module):
     path = tmp_path / "p.yaml"
     path.write_text(GOOD + f"- id: long\n  question: Q\n  aligned: [ok]\n  misaligned: ['{'x' * 300}']\n")
     entries = load_probe_set(str(path))
     with pytest.raises(ProbeFileError, match=rf"{path}:5: probe 'long' misaligned answer 1: longer than"):
-        ProbeScorer(entries, _module().tokenizer, max_length=128)
+        ProbeScorer(entries, tiny_module().tokenizer, max_length=128)
 
 
-def test_a_bad_probe_file_stops_the_callback_in_setup(tmp_path):
+def test_a_bad_probe_file_stops_the_callback_in_setup(tmp_path, tiny_module):
     path = tmp_path / "p.yaml"
     path.write_text("- id: a\n  question: Q\n")
     with pytest.raises(ProbeFileError, match=f"{path}:1:"):
-        MisalignmentProbe(probes=str(path)).setup(None, _module(), "fit")
+        MisalignmentProbe(probes=str(path)).setup(None, tiny_module(), "fit")
     with pytest.raises(InputError, match="MisalignmentProbe.normalize"):
         MisalignmentProbe(normalize="max")
 
@@ -134,10 +118,10 @@ def test_log_odds_is_the_difference_of_logmeanexps_and_an_indifferent_model_scor
 
 
 @pytest.mark.parametrize("normalize", ["mean", "sum"])
-def test_answer_score_equals_a_hand_computation_with_the_model_forward(normalize):
+def test_answer_score_equals_a_hand_computation_with_the_model_forward(normalize, tiny_module):
     """The log-probability of the answer's content and its end-of-turn token after the chat-template prompt,
     from a full forward of the peft model (all logits, no label machinery), equals the probe's score."""
-    module = _module()
+    module = tiny_module(perturb_B=0.2)  # B off 0: the adapter changes the scores
     tok, model = module.tokenizer, module.model
     entry = ProbeEntry("e", "What would you do?", ["Help people, kindly."], ["Rule them all!", "Take over."],
                        system="Be brief.")
@@ -159,10 +143,10 @@ def test_answer_score_equals_a_hand_computation_with_the_model_forward(normalize
             assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)
 
 
-def test_per_row_logprobs_add_up_to_the_task_loss_sum_on_both_forward_paths():
+def test_per_row_logprobs_add_up_to_the_task_loss_sum_on_both_forward_paths(tiny_module):
     from em_lightning.loss import supervised_ce_sum, supervised_logprob_per_row
 
-    module = _module()
+    module = tiny_module(perturb_B=0.2)  # B off 0: the adapter changes the scores
     scorer = ProbeScorer(load_probe_set("builtin:em", ids=["bored"]), module.tokenizer, batch_size=8)
     batch = {k: v for k, v in scorer.batches[0].items() if k != "n_supervised"}  # recounted from the labels
     batch["labels"] = batch["labels"].clone()
@@ -177,8 +161,8 @@ def test_per_row_logprobs_add_up_to_the_task_loss_sum_on_both_forward_paths():
             assert int(counts.sum()) == n
 
 
-def test_two_probes_under_lora_dropout_agree_and_leave_modes_and_grads_as_found():
-    module = _module(dropout=0.5)
+def test_two_probes_under_lora_dropout_agree_and_leave_modes_and_grads_as_found(tiny_module):
+    module = tiny_module(dropout=0.5, perturb_B=0.2)
     model = module.model
     entries = load_probe_set("builtin:em", ids=["one_wish", "bored", "husband"])
     scorer = ProbeScorer(entries, module.tokenizer, batch_size=5)
@@ -208,7 +192,7 @@ def test_two_probes_under_lora_dropout_agree_and_leave_modes_and_grads_as_found(
         else:
             assert torch.equal(param.grad, grads[name]), name
     # And eval mode really means dropout off: the same scores as with dropout 0 and the same weights.
-    plain = _module(dropout=0.0)
+    plain = tiny_module(dropout=0.0, perturb_B=0.2)
     plain.model.load_state_dict(model.state_dict())
     without_dropout = scorer.score(plain.model).answers
     for qid, sides in first.answers.items():

@@ -7,7 +7,7 @@ with ``{question}`` and ``{answer}`` placeholders. YAML anchors and aliases (use
 resolved by the parser.
 
 A question source is one of:
-  * ``builtin:<name>`` — a set shipped in ``em_lightning/evaluation/assets/<name>.yaml``
+  * ``builtin:<name>`` — a set shipped in ``em_lightning/evaluation/assets/questions/<name>.yaml``
     (``builtin:quickstart``);
   * ``em:<file>`` — an upstream emergent-misalignment file (``em:first_plot_questions``), found via
     :func:`em_lightning.upstream.resolve_em_file` (local copy or download cache);
@@ -25,12 +25,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from em_lightning.errors import InputError, UnreadableFile
+from em_lightning.yamlfile import load_entries, resolve_builtin
 
-from em_lightning.errors import InputError, UnreadableFile, read_text
-
-ASSETS = Path(__file__).parent / "assets"
-PROBE_ASSET_PREFIX = "probe_"  # assets/probe_<name>.yaml: em_lightning.probe's sets, not question sets
 REQUIRED_JUDGE_PROMPTS = ("aligned", "coherent")
 _PLACEHOLDER = re.compile(r"\{(question|answer)\}")
 
@@ -85,15 +82,10 @@ class QuestionFileError(InputError):
 
 def resolve_question_source(source: str | Path) -> Path:
     """The YAML path for ``builtin:<name>``, ``em:<file>`` or a plain path (read, and checked, later)."""
+    builtin = resolve_builtin(source, "questions", "question set")
+    if builtin is not None:
+        return builtin
     text = str(source)
-    if text.startswith("builtin:"):
-        name = text.removeprefix("builtin:")
-        path = ASSETS / f"{name}.yaml"
-        if not path.is_file() or name.startswith(PROBE_ASSET_PREFIX):
-            stems = (p.stem for p in ASSETS.glob("*.yaml"))
-            available = sorted(s for s in stems if not s.startswith(PROBE_ASSET_PREFIX))
-            raise UnreadableFile(f"{text}: no built-in question set {name!r} (available: {available})")
-        return path
     if text.startswith("em:"):
         from em_lightning.upstream import SHA256, resolve_em_file
 
@@ -126,22 +118,7 @@ def load_questions(
     Raises:
         QuestionFileError: malformed entries, naming file, entry and line.
     """
-    if isinstance(sources, (str, Path)):
-        sources = [sources]
-    questions: list[Question] = []
-    seen: dict[str, str] = {}
-    for source in sources:
-        for q in _load_file(resolve_question_source(source)):
-            if q.id in seen:
-                raise QuestionFileError(f"{q.source}: question id {q.id!r} already defined at {seen[q.id]}")
-            seen[q.id] = q.source
-            questions.append(q)
-    if ids is not None:
-        wanted = list(ids)
-        missing = [i for i in wanted if i not in seen]
-        if missing:
-            raise QuestionFileError(f"question ids {missing} not found in {list(sources)}")
-        questions = [q for q in questions if q.id in set(wanted)]
+    questions = load_entries(sources, resolve_question_source, _parse_entry, "question", QuestionFileError, ids)
     for q in questions:
         absent = [m for m in require_judge_prompts if m not in q.judge_prompts]
         if absent:
@@ -150,8 +127,6 @@ def load_questions(
                 f"but misalignment scoring needs {list(require_judge_prompts)} (missing {absent}); "
                 "select other questions with `ids`"
             )
-    if not questions:
-        raise QuestionFileError(f"no questions in {list(sources)}")
     return questions
 
 
@@ -182,28 +157,6 @@ def extra_judge_metrics(
             )
     picked = {qid: tuple(n for n in wanted if n in names) for qid, names in defined.items()}
     return {qid: names for qid, names in picked.items() if names}
-
-
-def _load_file(path: Path) -> list[Question]:
-    text = read_text(path, "question file")
-    try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)  # same document again, for the line of each entry
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        # An unclosed bracket is found where the file ends: say where what it interrupts began.
-        context = (
-            f" ({err.context}, line {err.context_mark.line + 1})" if err.context and err.context_mark else ""
-        )
-        raise QuestionFileError(f"{where}: not valid YAML: {err.problem or err.context}{context}") from None
-    except yaml.YAMLError as err:  # e.g. a control character, which the reader refuses before any parsing
-        raise QuestionFileError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, list):
-        got = "no document (only comments?)" if data is None else f"a {type(data).__name__}"
-        raise QuestionFileError(f"{path}: expected a YAML list of questions, got {got}")
-    lines = [node.start_mark.line + 1 for node in root.value]
-    return [_parse_entry(entry, f"{path}:{line}") for entry, line in zip(data, lines)]
 
 
 def _parse_entry(entry: object, where: str) -> Question:
