@@ -34,6 +34,68 @@ def run_cli(tmp_path, monkeypatch):
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_module():
+    """``tiny_module(optimizer=None, r=4, ...)``: a tiny-Qwen3 :class:`LoRAFineTune` built in code (alpha = 2r).
+
+    * ``configure``: call ``configure_model`` now (the adapter exists, LoRA A seeded by the process's initial
+      seed); False leaves it to ``trainer.fit``, after the test's ``seed_everything``.
+    * ``random_B``: ``init_lora_weights=False`` (peft's random B), so the adapter acts from the first step.
+    * ``perturb_B``: after configuring, add N(0, perturb_B) noise (fixed seed) to every B, so the adapter changes
+      the model's outputs while A keeps LoRA's own init.
+    * ``dtype``: after configuring, cast the whole model.
+    * ``optimizer`` defaults to AdamW(lr=1e-2, no weight decay); ``loss_normalization`` to ``micro_batch``, since
+      plain ``DataLoader`` batches lack ``ChatDataModule``'s per-step token count. Further keywords go to
+      :class:`LoRAFineTune`.
+    """
+    import torch
+
+    from em_lightning.lora import LoRASpec
+    from em_lightning.models import ModelSpec
+    from em_lightning.module import LoRAFineTune
+
+    def build(optimizer=None, *, r: int = 4, dropout: float = 0.0, random_B: bool = False, perturb_B: float = 0.0,
+              dtype=None, configure: bool = True, **module_kwargs) -> LoRAFineTune:
+        module_kwargs.setdefault("loss_normalization", "micro_batch")
+        module = LoRAFineTune(
+            base=ModelSpec(name="tiny-qwen3"),
+            lora=LoRASpec(r=r, alpha=2.0 * r, dropout=dropout, init_lora_weights=not random_B),
+            optimizer=optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)),
+            **module_kwargs,
+        )
+        if not configure:
+            assert not perturb_B and dtype is None, "perturb_B and dtype act on a configured model"
+            return module
+        module.configure_model()
+        if perturb_B:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1)
+                for name, param in module.model.named_parameters():
+                    if "lora_B" in name:
+                        param.normal_(0.0, perturb_B)
+        if dtype is not None:
+            module.model.to(dtype)
+        return module
+
+    return build
+
+
+@pytest.fixture
+def cli_error(monkeypatch, capsys):
+    """``cli_error("fit", "--config", ...)``: run the command line in this process as ``python -m em_lightning``
+    does (:func:`em_lightning.__main__.run`) and return ``(exit status, stderr lines)``. One test
+    (test_module.py) runs the real subprocess; the others check their message here, without a new interpreter."""
+    from em_lightning.__main__ import run
+
+    def call(*args: str) -> tuple[int, list[str]]:
+        monkeypatch.setattr("sys.argv", ["em_lightning", *map(str, args)])
+        capsys.readouterr()  # only this command's output
+        code = run()
+        return code, capsys.readouterr().err.strip().splitlines()
+
+    return call
+
+
 # ------------------------------------------------------------------------------ emergent-misalignment files
 # Tests never depend on a ../shared folder or the network: `fake_em_data` lays out small synthetic files in the
 # upstream format, with their sha256 registered as the upstream sums, on the data search path. Tests of the real

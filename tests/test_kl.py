@@ -11,17 +11,7 @@ import torch
 
 from em_lightning.callbacks.kl_regularizer import KLRegularizer, kl_to_base
 from em_lightning.errors import InputError
-from em_lightning.lora import LoRASpec
-from em_lightning.models import ModelSpec
-from em_lightning.module import LoRAFineTune
 from tests.eval_helpers import tb_scalars
-
-
-def _module(dtype=torch.float32) -> LoRAFineTune:
-    module = LoRAFineTune(base=ModelSpec(name="tiny-qwen3"), lora=LoRASpec(r=2, alpha=4.0))
-    module.configure_model()
-    module.model.to(dtype)
-    return module
 
 
 def _kl_batch(module, n_rows: int = 3) -> dict:
@@ -30,8 +20,8 @@ def _kl_batch(module, n_rows: int = 3) -> dict:
     return callback.batch(step=0)
 
 
-def test_kl_is_exactly_zero_with_zero_gradient_at_lora_start():
-    module = _module()
+def test_kl_is_exactly_zero_with_zero_gradient_at_lora_start(tiny_module):
+    module = tiny_module(r=2)
     batch = _kl_batch(module)
     kl = kl_to_base(module.model, batch)
     assert kl.item() == 0.0  # B = 0: the adapted logits are the base logits, bit for bit
@@ -41,14 +31,14 @@ def test_kl_is_exactly_zero_with_zero_gradient_at_lora_start():
             assert param.grad is None or param.grad.abs().max() < 1e-8, name  # a minimum: rounding only
 
 
-def test_kl_gradient_matches_finite_differences_off_zero(monkeypatch):
+def test_kl_gradient_matches_finite_differences_off_zero(monkeypatch, tiny_module):
     from transformers.models.qwen3 import modeling_qwen3
 
     def rms_norm_in_input_dtype(self, x):  # transformers computes RMSNorm in float32, even in float64
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
     monkeypatch.setattr(modeling_qwen3.Qwen3RMSNorm, "forward", rms_norm_in_input_dtype)
-    module = _module(torch.float64)
+    module = tiny_module(r=2, dtype=torch.float64)
     model = module.model
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -80,8 +70,8 @@ def test_kl_gradient_matches_finite_differences_off_zero(monkeypatch):
     assert full.item() == pytest.approx(kl.item(), rel=1e-10)
 
 
-def test_kl_batches_walk_every_row_once_per_pass_and_split_across_ranks():
-    module = _module()
+def test_kl_batches_walk_every_row_once_per_pass_and_split_across_ranks(tiny_module):
+    module = tiny_module(r=2)
     callback = KLRegularizer(batch_size=4, max_rows=24, every_n_steps=2, seed=3)
     callback.prepare(module.tokenizer)
     first_pass = [i for step in range(0, 12, 2) for i in callback.batch_rows(step)]

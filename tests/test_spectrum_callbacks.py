@@ -14,9 +14,7 @@ from torch.utils.data import DataLoader
 
 from em_lightning.callbacks.spectral_penalty import SpectralPenalty
 from em_lightning.callbacks.spectrum_logger import SpectrumLogger
-from em_lightning.lora import LoRASpec, iter_lora_modules
-from em_lightning.models import ModelSpec
-from em_lightning.module import LoRAFineTune
+from em_lightning.lora import iter_lora_modules
 from em_lightning.spectra import PENALTIES, lora_singular_values, mean_penalty, spectral_metrics
 
 SEQ, PROMPT = 24, 8  # every row: 24 tokens, the last 16 supervised (equal counts: per-token means compose exactly)
@@ -31,18 +29,6 @@ def _rows(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
         labels[:PROMPT] = -100
         rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": labels})
     return rows
-
-
-def _module(optimizer=None, random_B: bool = False, r: int = 4) -> LoRAFineTune:
-    return LoRAFineTune(
-        base=ModelSpec(name="tiny-qwen3"),
-        # init_lora_weights=False: B starts random, so the penalty acts from the first step.
-        lora=LoRASpec(r=r, alpha=2.0 * r, init_lora_weights=not random_B),
-        optimizer=optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)),
-        # Plain DataLoader batches lack ChatDataModule's step token count; with 16 supervised tokens in every
-        # row the per-micro-batch mean is the step's token mean anyway.
-        loss_normalization="micro_batch",
-    )
 
 
 def _raw_penalty(module, form: str) -> torch.Tensor:
@@ -77,7 +63,7 @@ def test_coefficient_warmup_and_bad_config():
 
 
 @pytest.mark.parametrize("form", ["frob_nuclear_ratio", "log_condition"])
-def test_penalty_with_accumulation_4_equals_a_4x_batch(form):
+def test_penalty_with_accumulation_4_equals_a_4x_batch(form, tiny_module):
     """4 micro-batches of 2 rows == 1 batch of 8 rows (SGD, 2 optimizer steps), penalty included.
 
     The module evaluates the term on the first micro-batch of each step only and scales it so the step's
@@ -94,7 +80,7 @@ def test_penalty_with_accumulation_4_equals_a_4x_batch(form):
         ("accumulated", 2, 4, [SpectralPenalty(form=form, coeff=2.0)]),
         ("no_penalty", 8, 1, []),
     ]:
-        module = _module(sgd, random_B=True)
+        module = tiny_module(sgd, random_B=True, configure=False)
         _fit(module, rows, batch, callbacks, max_steps=2, accumulate=accumulate)
         states[label] = _lora_state(module)
 
@@ -106,19 +92,19 @@ def test_penalty_with_accumulation_4_equals_a_4x_batch(form):
 
 
 @pytest.mark.parametrize("form,accumulate", [(form, 1) for form in PENALTIES] + [("neg_entropy", 4)])
-def test_penalty_gradient_is_the_coefficient_times_the_penalty_gradient(form, accumulate):
+def test_penalty_gradient_is_the_coefficient_times_the_penalty_gradient(form, accumulate, tiny_module):
     """One SGD step with the penalty moves the weights by exactly lr·coeff·∇P more than the same step without
     it, P being the configured form's mean over modules; with accumulation too (4 micro-batches of 1 row: the
     term enters once, not 4 times)."""
     rows, lr, coeff = _rows(4), 0.5, 3.0
     sgd = partial(torch.optim.SGD, lr=lr)
-    start = _module(sgd, random_B=True)
+    start = tiny_module(sgd, random_B=True, configure=False)
     L.seed_everything(0, verbose=False)
     start.configure_model()
     _raw_penalty(start, form).backward()
     expected = {n: -lr * coeff * p.grad for n, p in start.model.named_parameters() if p.requires_grad}
 
-    with_p, without = _module(sgd, random_B=True), _module(sgd, random_B=True)
+    with_p, without = (tiny_module(sgd, random_B=True, configure=False) for _ in range(2))
     batch = 4 // accumulate
     _fit(with_p, rows, batch, [SpectralPenalty(form=form, coeff=coeff)], max_steps=1, accumulate=accumulate)
     _fit(without, rows, batch, [], max_steps=1, accumulate=accumulate)
@@ -128,12 +114,12 @@ def test_penalty_gradient_is_the_coefficient_times_the_penalty_gradient(form, ac
         torch.testing.assert_close(a[n] - b[n], step, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_warmup_coefficient_follows_the_optimizer_step():
+def test_warmup_coefficient_follows_the_optimizer_step(tiny_module):
     """warmup_steps=2: step 0 has coefficient 0 (the same update as no penalty), step 1 has coeff/2, which the
     module applies as exactly lr·coeff/2·∇P at the weights after step 0."""
     rows, lr, coeff = _rows(8), 0.5, 3.0
     sgd = partial(torch.optim.SGD, lr=lr)
-    warm, plain = _module(sgd, random_B=True), _module(sgd, random_B=True)
+    warm, plain = (tiny_module(sgd, random_B=True, configure=False) for _ in range(2))
     _fit(warm, rows, 4, [SpectralPenalty(form="neg_entropy", coeff=coeff, warmup_steps=2)], max_steps=1)
     _fit(plain, rows, 4, [], max_steps=1)
     for n, w in _lora_state(warm).items():
@@ -143,7 +129,7 @@ def test_warmup_coefficient_follows_the_optimizer_step():
     _raw_penalty(warm, "neg_entropy").backward()
     expected = {n: -lr * coeff / 2 * p.grad for n, p in warm.model.named_parameters() if p.requires_grad}
     # Step 1 from the weights after step 0, on rows 4-7, with and without the (half-warmed) penalty.
-    two_warm, two_plain = _module(sgd, random_B=True), _module(sgd, random_B=True)
+    two_warm, two_plain = (tiny_module(sgd, random_B=True, configure=False) for _ in range(2))
     _fit(two_warm, rows, 4, [SpectralPenalty(form="neg_entropy", coeff=coeff, warmup_steps=2)], max_steps=2)
     _fit(two_plain, rows, 4, [], max_steps=2)
     a, b = _lora_state(two_warm), _lora_state(two_plain)
@@ -151,12 +137,12 @@ def test_warmup_coefficient_follows_the_optimizer_step():
         torch.testing.assert_close(a[n] - b[n], step, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_penalty_flattens_the_spectrum():
+def test_penalty_flattens_the_spectrum(tiny_module):
     """Same seed, same data: the run with the penalty ends with higher spectral entropy in every module."""
     rows = _rows(32, seed=1)
     entropies = {}
     for label, callbacks in [("off", []), ("on", [SpectralPenalty(coeff=1.0)])]:
-        module = _module()
+        module = tiny_module(configure=False)
         _fit(module, rows, 8, callbacks, max_steps=24)
         sigma = torch.stack([lora_singular_values(B, A, s).detach() for _, _, B, A, s in iter_lora_modules(module.model)])
         entropies[label] = spectral_metrics(sigma)["entropy"]
@@ -168,12 +154,12 @@ def test_penalty_flattens_the_spectrum():
 
 # ---------------------------------------------------------------------------------------------- the logger
 @pytest.fixture(scope="module")
-def logged_run(tmp_path_factory):
+def logged_run(tmp_path_factory, tiny_module):
     """A tiny fit with both callbacks, gradient accumulation 2, TensorBoard logger; 5 optimizer steps."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     tmp = tmp_path_factory.mktemp("spectra_run")
-    module = _module(random_B=False)
+    module = tiny_module(configure=False)
     logger = TensorBoardLogger(save_dir=str(tmp), name="tiny")
     spectrum = SpectrumLogger(every_n_steps=2, per_module_every_n_steps=4, image_every_n_steps=4)
     trainer = _fit(module, _rows(24), 2, [spectrum, SpectralPenalty(coeff=0.5, warmup_steps=2)], logger=logger,
@@ -280,8 +266,8 @@ def test_penalty_is_logged_apart_from_the_task_loss(logged_run):
     assert by["train/spectral_penalty"][0] == 0.0 and by["train/spectral_penalty"][4] > 0.5
 
 
-def test_logger_without_tensorboard_still_writes_jsonl(tmp_path):
-    module = _module()
+def test_logger_without_tensorboard_still_writes_jsonl(tmp_path, tiny_module):
+    module = tiny_module(configure=False)
     trainer = _fit(module, _rows(4), 2, [SpectrumLogger(every_n_steps=1, log_per_module=False)], max_steps=2,
                    default_root_dir=str(tmp_path))
     lines = (tmp_path / "spectra.jsonl").read_text().splitlines()
@@ -293,7 +279,7 @@ def test_logger_without_tensorboard_still_writes_jsonl(tmp_path):
     assert trainer.logger is None and not list(tmp_path.rglob("events.out.tfevents.*"))
 
 
-def test_scalars_reach_every_logger_with_its_prefix(tmp_path):
+def test_scalars_reach_every_logger_with_its_prefix(tmp_path, tiny_module):
     """TensorBoard gets the scalars as one event per step (a fast path); it must keep the logger's prefix like
     log_metrics does, and other loggers still get log_metrics."""
     import csv
@@ -303,7 +289,7 @@ def test_scalars_reach_every_logger_with_its_prefix(tmp_path):
     tb = TensorBoardLogger(save_dir=str(tmp_path), name="tb", prefix="run")
     csv_logger = CSVLogger(save_dir=str(tmp_path), name="csv")
     spectrum = SpectrumLogger(every_n_steps=1, log_image=False, jsonl=None)
-    module = _module()
+    module = tiny_module(configure=False)
     _fit(module, _rows(4), 2, [spectrum], logger=[tb, csv_logger], max_steps=2)
     names = [n for n, *_ in iter_lora_modules(module.model)]
 
@@ -322,27 +308,28 @@ def test_scalars_reach_every_logger_with_its_prefix(tmp_path):
 
 
 @pytest.mark.parametrize("log_at_start", [False, True])
-def test_accumulation_logs_no_step_zero_point_of_its_own(tmp_path, log_at_start):
+def test_accumulation_logs_no_step_zero_point_of_its_own(tmp_path, log_at_start, tiny_module):
     """Accumulation 2: the first micro-batch ends with global_step 0, and 0 % n == 0; only ``log_at_start`` may log
     step 0, and only once."""
     spectrum = SpectrumLogger(every_n_steps=2, log_per_module=False, log_image=False, log_at_start=log_at_start)
-    _fit(_module(), _rows(8), 1, [spectrum], max_steps=4, accumulate=2, default_root_dir=str(tmp_path))
+    module = tiny_module(configure=False)
+    _fit(module, _rows(8), 1, [spectrum], max_steps=4, accumulate=2, default_root_dir=str(tmp_path))
     steps = [json.loads(line)["step"] for line in (tmp_path / "spectra.jsonl").read_text().splitlines()]
     assert steps == ([0] if log_at_start else []) + [2, 4]
 
 
-def test_every_penalty_form_flattens_in_its_own_measure():
+def test_every_penalty_form_flattens_in_its_own_measure(tiny_module):
     """Each form, trained 8 AdamW steps from LoRA's B = 0 (so step 0 runs the all-zero spectrum), ends with a
     lower value of that form than the same run (seed, data) without it: it closes at least a fifth of the gap
     to the form's minimum, the value of a flat spectrum. (Entropy alone would not do: inv_stable_rank and
     log_condition push only on σ₁ and σ_r and may lower it.)"""
     rows, steps = _rows(32, seed=1), 8
-    off = _module()
+    off = tiny_module(configure=False)
     _fit(off, rows, 4, [], max_steps=steps)
     with torch.no_grad():
         off_values = {form: _raw_penalty(off, form).item() for form in PENALTIES}
     for form, fn in PENALTIES.items():
-        on = _module()
+        on = tiny_module(configure=False)
         _fit(on, rows, 4, [SpectralPenalty(form=form, coeff=1.0)], max_steps=steps)
         assert all(torch.isfinite(p).all() for p in _lora_state(on).values()), form
         with torch.no_grad():
@@ -459,7 +446,7 @@ def test_readme_worked_example_runs_as_written(run_cli, tmp_path, monkeypatch, a
     assert list(down) == pytest.approx([norms["model.layers.1.mlp.down_proj"]], rel=1e-5)
 
 
-def test_readme_loss_term_example_runs_as_written(tmp_path, monkeypatch):
+def test_readme_loss_term_example_runs_as_written(tmp_path, monkeypatch, tiny_module):
     """callbacks/README.md's loss-term example, exactly as printed, under accumulation 2: one SGD step moves
     the weights by exactly lr·weight·∇(mean ‖B‖²) more than without it, and the module logs the raw term and
     its weight."""
@@ -469,7 +456,7 @@ def test_readme_loss_term_example_runs_as_written(tmp_path, monkeypatch):
     assert example.BNormPenalty(weight=1.0, warmup_steps=4).coefficient(2) == 0.5
     rows, lr, weight = _rows(4), 0.5, 0.25
     sgd = partial(torch.optim.SGD, lr=lr)
-    start = _module(sgd, random_B=True)
+    start = tiny_module(sgd, random_B=True, configure=False)
     L.seed_everything(0, verbose=False)
     start.configure_model()
     raw = torch.stack([B.square().sum() for _, _, B, _, _ in iter_lora_modules(start.model)]).mean()
@@ -477,7 +464,7 @@ def test_readme_loss_term_example_runs_as_written(tmp_path, monkeypatch):
     expected = {n: -lr * weight * (p.grad if p.grad is not None else torch.zeros_like(p))
                 for n, p in start.model.named_parameters() if p.requires_grad}
 
-    with_term, without = _module(sgd, random_B=True), _module(sgd, random_B=True)
+    with_term, without = (tiny_module(sgd, random_B=True, configure=False) for _ in range(2))
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="b_norm")
     _fit(with_term, rows, 2, [example.BNormPenalty(weight=weight)], logger=logger, max_steps=1, accumulate=2)
     _fit(without, rows, 2, [], max_steps=1, accumulate=2)
