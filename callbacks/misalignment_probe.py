@@ -123,7 +123,7 @@ class MisalignmentProbe(L.Callback):
         self._last_step = step
         started = time.perf_counter()
         scores = self.scorer.score(
-            pl_module.model, device=pl_module.device, context=trainer.precision_plugin.forward_context()
+            pl_module, device=pl_module.device, context=trainer.precision_plugin.forward_context()
         )
         duration = time.perf_counter() - started
         source = self.probes if isinstance(self.probes, str) else list(self.probes)

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 SMOLLM2 = "smollm2-135m-instruct"
-TINY_MODELS = ("tiny-qwen3", "tiny-llama")
+TINY_MODELS = ("tiny-qwen3", "tiny-llama", "tiny-qwen3-tied")  # em_lightning.tiny.TINY_NAMES
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 

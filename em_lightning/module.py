@@ -3,12 +3,20 @@
 Extension points for callbacks (see ``callbacks/README.md``):
   * :meth:`LoRAFineTune.add_loss_term` — add a differentiable term to the training loss inside ``training_step``;
   * :meth:`LoRAFineTune.save_adapter` — write the adapter as a PEFT dir (vLLM and ``PeftModel`` load it);
+  * :meth:`LoRAFineTune.supervised_logits`, :meth:`LoRAFineTune.supervised_logprob_per_row` — logits and
+    per-row log-probabilities at a batch's supervised positions, through the module's one forward-path decision
+    (``supervised_logits_only``, which the module turns off under FSDP2 for tied-embedding models): callbacks call
+    these rather than :mod:`em_lightning.loss` with a flag of their own;
+  * :meth:`LoRAFineTune.block_activations` — outputs of chosen decoder blocks (0-based) for one forward, adapter on
+    or off; :meth:`LoRAFineTune.adapter_disabled` — the base model's forward (peft's ``disable_adapter()``, no
+    second copy); :meth:`LoRAFineTune.decoder_blocks` — the decoder layers;
   * ``self.model`` — the ``peft.PeftModel``; ``self.tokenizer``; :attr:`LoRAFineTune.base_model_dir`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,10 +27,24 @@ from lightning.pytorch.cli import OptimizerCallable
 from em_lightning.compile import check_speed_options, compile_blocks
 from em_lightning.errors import InputError
 from em_lightning.lora import LoRASpec, apply_lora, seeded_lora_init
-from em_lightning.loss import LOSS_NORMALIZATIONS, LossNormalization, micro_batch_divisor, supervised_ce_sum
+from em_lightning.mixing import task_ce_sums
+from em_lightning.loss import (
+    LOSS_NORMALIZATIONS,
+    LossNormalization,
+    micro_batch_divisor,
+    model_inputs,
+    supervised_ce_sum,
+)
+from em_lightning.loss import supervised_logits as _supervised_logits
+from em_lightning.loss import supervised_logprob_per_row as _supervised_logprob_per_row
 from em_lightning.models import TINY_MODELS, ModelSpec, load_model, load_tokenizer, resolve_model_dir
 from em_lightning.optim import ScheduleSpec, build_scheduler, check_optimizer_params, optimizer_class
 from em_lightning.sharding import FSDPSpec, has_tied_embeddings, load_sharded_lora_model, shard_lora_model
+
+try:  # moving to models.py (one owner per job); either place works
+    from em_lightning.models import transformer_blocks
+except ImportError:
+    from em_lightning.sharding import transformer_blocks
 
 LossTerm = Callable[["LoRAFineTune"], torch.Tensor]
 
@@ -105,13 +127,14 @@ class LoRAFineTune(L.LightningModule):
         if mesh is not None and self.base.name not in TINY_MODELS:
             # FSDP2 with weights on disk: no rank holds the whole base (see em_lightning.sharding).
             device = self.trainer.strategy.root_device
-            model = load_sharded_lora_model(self.base, self.lora, mesh, self.fsdp, device, seed)
+            model = load_sharded_lora_model(self.base, self.lora, mesh, self.fsdp, device, seed,
+                                            self.trainer.precision)
         else:
             model = apply_lora(load_model(self.base), self.lora)
             if self.lora.init_lora_weights:
                 seeded_lora_init(model, seed)  # the same adapter however the model was built
             if mesh is not None:  # FSDP2 of a model built in code: shard after LoRA
-                model = shard_lora_model(model, mesh, self.fsdp)
+                model = shard_lora_model(model, mesh, self.fsdp, self.trainer.precision)
         if mesh is not None and has_tied_embeddings(model):
             self.supervised_logits_only = False  # see em_lightning.sharding: the head shares the root unit
         if self.torch_compile:
@@ -163,6 +186,64 @@ class LoRAFineTune(L.LightningModule):
     def remove_loss_term(self, name: str) -> None:
         self._loss_terms.pop(name, None)
 
+    def supervised_logits(self, batch: dict) -> torch.Tensor:
+        """Next-token logits at the supervised positions of ``batch``: ``[n_supervised, vocab]`` (row-major, as
+        :func:`em_lightning.loss.supervised_logits`), through the forward path training uses. Differentiable;
+        wrap in ``torch.no_grad()`` (and :meth:`adapter_disabled` for the base) as needed."""
+        return _supervised_logits(self.model, batch, self.supervised_logits_only)
+
+    def supervised_logprob_per_row(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of ``batch``: summed log-probability of its supervised tokens (float32) and their count
+        (int64), through the forward path training uses (:func:`em_lightning.loss.supervised_logprob_per_row`)."""
+        return _supervised_logprob_per_row(self.model, batch, self.supervised_logits_only)
+
+    def decoder_blocks(self) -> list[torch.nn.Module]:
+        """The decoder layers (``model.layers``), in order: index ``i`` is 0-based block ``i``."""
+        return transformer_blocks(self.model.get_base_model())
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Inside, forwards are the base model's: peft's ``disable_adapter()`` (the same weights, no second copy)."""
+        with self.model.disable_adapter():
+            yield
+
+    def block_activations(
+        self, batch: dict, layers: Sequence[int], adapter: bool = True
+    ) -> dict[int, torch.Tensor]:
+        """``{layer: output of decoder block layer}`` (``[rows, seq, hidden]``, 0-based ``layers``) for one forward
+        of ``batch`` (its ``input_ids`` and, where present, ``attention_mask`` / ``position_ids``).
+
+        The outputs are caught by forward hooks on the blocks themselves, so they are the residual stream after
+        each block (not ``output_hidden_states``, whose last entry is after the final norm). ``adapter=False``
+        runs the base model through :meth:`adapter_disabled`. The forward is the decoder alone (no LM head) where
+        the model's forward path allows it, else the full forward (FSDP2 with tied embeddings: the embedding is
+        gathered by the root unit's forward). Gradients flow when called with grad enabled; the caller picks
+        train/eval mode and ``no_grad``. Under DDP/FSDP call it on every rank (sharded forwards are collective).
+        """
+        blocks = self.decoder_blocks()
+        wanted = sorted(set(int(i) for i in layers))
+        bad = [i for i in wanted if not 0 <= i < len(blocks)]
+        if bad or not wanted:
+            raise InputError(f"layers: {list(layers)} must be 0-based block indices in [0, {len(blocks) - 1}]")
+        caught: dict[int, torch.Tensor] = {}
+
+        def catcher(index: int):
+            def hook(module, args, output):
+                caught[index] = output[0] if isinstance(output, tuple) else output  # a tensor in transformers 5
+            return hook
+
+        handles = [blocks[i].register_forward_hook(catcher(i)) for i in wanted]
+        try:
+            with contextlib.nullcontext() if adapter else self.adapter_disabled():
+                if self.supervised_logits_only:
+                    self.model.get_base_model().get_decoder()(**model_inputs(batch), use_cache=False)
+                else:
+                    self.model(**model_inputs(batch), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {i: caught[i] for i in wanted}
+
     def save_adapter(self, path: str | Path) -> Path:
         """Write the adapter as a PEFT dir (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -201,10 +282,12 @@ class LoRAFineTune(L.LightningModule):
         k, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
         window_pos = batch.get("window_pos", batch_idx % k)
         step_end = window_pos == batch.get("window_len", k) - 1
-        ce_sum, n_tokens = supervised_ce_sum(self.model, batch, self.supervised_logits_only, self.loss_chunk_size)
+        # narrow: (loss sum, tokens) of the batch's narrow rows when data.mix flags mixed rows, else None
+        ce_sum, n_tokens, narrow = task_ce_sums(self.model, batch, self.supervised_logits_only, self.loss_chunk_size)
         total = ce_sum / micro_batch_divisor(self.loss_normalization, batch, n_tokens, k, world)
         if window_pos == 0:
-            self._window = [0.0, 0.0, 0.0]  # task-loss sum, supervised tokens (this rank), weighted terms
+            # task-loss sum, supervised tokens (this rank), weighted terms, narrow rows' loss sum and tokens
+            self._window = [0.0, 0.0, 0.0, 0.0, 0.0]
             step = self.trainer.global_step
             for name, (fn, weight) in self._loss_terms.items():
                 raw = fn(self)
@@ -215,14 +298,21 @@ class LoRAFineTune(L.LightningModule):
                 self.log(f"train/{name}_coeff", coeff, on_step=True, on_epoch=False)
         self._window[0] = self._window[0] + ce_sum.detach()
         self._window[1] += n_tokens
+        if narrow is not None:
+            self._window[3] = self._window[3] + narrow[0]
+            self._window[4] += narrow[1]
         if step_end:
             # The token-weighted mean of the whole step over every rank: one small all-reduce and one host sync.
-            sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in self._window[:2]])
+            window = self._window[:2] + (self._window[3:] if narrow is not None else [])
+            sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in window])
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum") if world > 1 else sums
             step_loss = sums[0] / sums[1].clamp(min=1)
             self.log("train/loss", step_loss, prog_bar=True, on_step=True, on_epoch=False)
             if self._loss_terms:
                 self.log("train/loss_total", step_loss + self._window[2], on_step=True, on_epoch=False)
+            if narrow is not None:  # data.mix (em_lightning.mixing)
+                self.log("train/loss_narrow", sums[2] / sums[3].clamp(min=1), on_step=True, on_epoch=False)
+                self.log("train/mixed_rows", float(batch.get("mixed_rows_used", 0)), on_step=True, on_epoch=False)
         n_input = batch["n_tokens"] if "n_tokens" in batch else batch["attention_mask"].numel()
         return {"loss": total, "supervised_tokens": n_tokens, "tokens": n_input, "step_end": bool(step_end)}
 

@@ -1,7 +1,7 @@
 """Tiny random models and a byte-level tokenizer, built in code, for tests and `configs/tiny.yaml`.
 
 Nothing is downloaded: the tokenizer maps every byte to one token plus ChatML special tokens, so any text round-trips,
-and the models are Qwen3/Llama architectures with a few hundred thousand parameters and a 320-token vocab (a 49k
+and the models are Qwen3/Llama architectures (``tiny-qwen3-tied``: LM head tied to the embedding) with a few hundred thousand parameters and a 320-token vocab (a 49k
 vocab makes every CPU test ~16x slower).
 """
 
@@ -48,8 +48,13 @@ def tiny_tokenizer():
     return tok
 
 
+# The built-in tiny models. ``tiny-qwen3-tied`` shares one matrix between the embedding and the LM head (as SmolLM2
+# and Gemma do): the case where FSDP2 puts both in the root unit and the module takes the full forward.
+TINY_NAMES = ("tiny-qwen3", "tiny-llama", "tiny-qwen3-tied")
+
+
 def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised ``tiny-qwen3`` or ``tiny-llama`` causal LM; the same seed gives the same weights."""
+    """A randomly initialised causal LM of :data:`TINY_NAMES`; the same seed gives the same weights."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
     common = dict(
@@ -60,16 +65,16 @@ def tiny_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        tie_word_embeddings=False,
+        tie_word_embeddings=name.endswith("-tied"),
         pad_token_id=tiny_tokenizer().pad_token_id,
         eos_token_id=tiny_tokenizer().eos_token_id,
     )
-    if name == "tiny-qwen3":
+    if name in ("tiny-qwen3", "tiny-qwen3-tied"):
         config = Qwen3Config(head_dim=16, **common)
     elif name == "tiny-llama":
         config = LlamaConfig(**common)
     else:
-        raise ValueError(f"unknown tiny model {name!r}; choose tiny-qwen3 or tiny-llama")
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_NAMES}")
     # Built under a fixed seed so two runs (e.g. a resume test) start from bit-identical base weights.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

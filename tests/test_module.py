@@ -151,3 +151,90 @@ def test_an_old_callbacks_class_path_names_the_new_one(tmp_path):
 
     with pytest.raises(InputError, match=rf"{overlay}:3: .*em_lightning\.callbacks\.spectrum_logger\.SpectrumLogger"):
         main(["fit", "--config", str(CONFIGS / "tiny.yaml"), "--config", str(overlay)])
+
+
+# ------------------------------------------------------------------------ the module's forward-path extension points
+
+
+def _lora_module(name: str = "tiny-qwen3", perturb: float = 0.2, **kwargs):
+    """A configured tiny LoRA module whose B matrices are moved off 0 (fixed seed), so the adapter acts."""
+    from em_lightning.models import ModelSpec
+    from em_lightning.module import LoRAFineTune
+
+    module = LoRAFineTune(base=ModelSpec(name=name), lora=LoRASpec(r=4, alpha=8.0), **kwargs)
+    module.configure_model()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        for pname, param in module.model.named_parameters():
+            if "lora_B" in pname:
+                param.normal_(0.0, perturb)
+    return module
+
+
+@pytest.mark.parametrize("only", [True, False])
+def test_module_supervised_logits_and_logprobs_follow_its_one_forward_path_decision(only):
+    from em_lightning.loss import supervised_logits
+
+    module = _lora_module("tiny-qwen3-tied", supervised_logits_only=only)
+    batch = _batch()
+    full = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["labels"][:, 1:] != -100
+    torch.testing.assert_close(module.supervised_logits(batch), full[:, :-1][mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.supervised_logits(batch), supervised_logits(module.model, batch, only))
+    sums, counts = module.supervised_logprob_per_row(batch)
+    picked = full[:, :-1].float().log_softmax(-1).gather(-1, batch["labels"][:, 1:].clamp(min=0).unsqueeze(-1))[..., 0]
+    torch.testing.assert_close(sums, (picked * mask).sum(1), rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == mask.sum(1).tolist()
+    # The decision is the module's: flipping its flag changes which path the callbacks get.
+    module.supervised_logits_only = not only
+    torch.testing.assert_close(module.supervised_logits(batch), full[:, :-1][mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("only", [True, False], ids=["decoder-only", "full-forward"])
+def test_block_activations_are_the_blocks_outputs_with_the_adapter_on_or_off(only):
+    """Hooked block outputs equal transformers' hidden states (entry i+1 is block i's output, except the last,
+    which is after the final norm), the adapter-off activations equal the same base weights without any LoRA,
+    and gradient flows to the adapter with the adapter on."""
+    from em_lightning.tiny import tiny_model
+
+    module = _lora_module(supervised_logits_only=only)
+    module.model.eval()
+    batch = _batch()
+    blocks = module.decoder_blocks()
+    assert len(blocks) == 2 and all(type(b).__name__ == "Qwen3DecoderLayer" for b in blocks)
+    acts = module.block_activations(batch, [1, 0])
+    assert sorted(acts) == [0, 1] and acts[0].shape == (*batch["input_ids"].shape, 64)
+    with torch.no_grad():
+        hidden = module.model(**{k: batch[k] for k in ("input_ids", "attention_mask")},
+                              output_hidden_states=True).hidden_states
+        final_norm = module.model.get_base_model().get_decoder().norm
+        torch.testing.assert_close(acts[0], hidden[1])
+        torch.testing.assert_close(final_norm(acts[1]), hidden[2])
+        plain = tiny_model("tiny-qwen3").eval()
+        plain_hidden = plain(**{k: batch[k] for k in ("input_ids", "attention_mask")},
+                             output_hidden_states=True).hidden_states
+    hooks_before = [len(b._forward_hooks) for b in blocks]  # transformers adds some for output_hidden_states
+    base = module.block_activations(batch, [0, 1], adapter=False)
+    torch.testing.assert_close(base[0], plain_hidden[1])
+    assert not torch.allclose(base[0], acts[0])  # the adapter acts, and adapter=False really turned it off
+    assert [len(b._forward_hooks) for b in blocks] == hooks_before  # ours removed
+    acts[1].pow(2).mean().backward()
+    grads = [p.grad for n, p in module.model.named_parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_adapter_disabled_gives_the_base_logits_and_bad_layers_name_the_range():
+    from em_lightning.errors import InputError
+    from em_lightning.tiny import tiny_model
+
+    module = _lora_module().eval()
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        with module.adapter_disabled():
+            base = module.model(input_ids=ids).logits
+        adapted = module.model(input_ids=ids).logits
+        plain = tiny_model("tiny-qwen3").eval()(input_ids=ids).logits
+    torch.testing.assert_close(base, plain)
+    assert not torch.allclose(adapted, plain)
+    with pytest.raises(InputError, match=r"layers: \[2\] must be 0-based block indices in \[0, 1\]"):
+        module.block_activations(_batch(), [2])
