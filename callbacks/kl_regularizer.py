@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-import math
-import random
 from typing import Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 
-from em_lightning.batching import ChatCollator
-from em_lightning.data import load_rows, tokenize_rows
-from em_lightning.errors import InputError
-from em_lightning.loss import supervised_logits
+from em_lightning.callbacks.loss_term import LossTermCallback
+from em_lightning.side_data import SideChatSet, base_supervised_logits
 
 
-def kl_to_base(peft_model, batch: dict, supervised_logits_only: bool = True) -> torch.Tensor:
+def kl_to_base(module, batch: dict) -> torch.Tensor:
     """Mean over the supervised positions of ``batch`` of KL(p_base ‖ p_adapted) over the vocabulary, in nats.
 
-    The base distribution comes from the same model with its adapter disabled (peft's ``disable_adapter()``,
-    under ``torch.no_grad()``: no second copy of the weights, no gradient through it); the adapted one from
-    the training forward, differentiable. Both in float32 at least. Exactly 0 while every LoRA B is 0.
+    ``module`` is the ``LoRAFineTune``: both sides go through its ``supervised_logits`` (its one forward-path
+    decision). The base distribution comes from the same model with its adapter disabled, under no grad
+    (:func:`~em_lightning.side_data.base_supervised_logits`: no second copy of the weights, no gradient through
+    it); the adapted one from the training forward, differentiable. Both in float32 at least. Exactly 0 while
+    every LoRA B is 0.
     """
-    with torch.no_grad(), peft_model.disable_adapter():
-        base = _at_least_float32(supervised_logits(peft_model, batch, supervised_logits_only))
-    adapted = _at_least_float32(supervised_logits(peft_model, batch, supervised_logits_only))
+    base = _at_least_float32(base_supervised_logits(module, batch))
+    adapted = _at_least_float32(module.supervised_logits(batch))
     n = adapted.shape[0]
     if n == 0:
         return adapted.sum() * 0.0
@@ -39,22 +35,21 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-class KLRegularizer(L.Callback):
+class KLRegularizer(LossTermCallback):
     """Adds ``coefficient(step) × KL(p_base ‖ p_adapted)`` to the training loss, the mean over the
     supervised (assistant) positions of a batch of a separate chat dataset: the KL-to-reference baseline that
     the spectral penalty is compared with.
 
-    Registered with the module's ``add_loss_term`` (see ``callbacks/README.md``): evaluated once per optimizer
-    step inside ``training_step``, weighted so the step's gradient is ``coefficient · ∇KL`` whatever the
+    A :class:`~em_lightning.callbacks.loss_term.LossTermCallback` (see ``callbacks/README.md``): evaluated once per
+    optimizer step inside ``training_step``, weighted so the step's gradient is ``coefficient · ∇KL`` whatever the
     accumulation, summed into the loss (precision plugins, DDP and FSDP treat it like the task loss). The base
     logits come from the same model with the adapter disabled (:func:`kl_to_base`), so the term costs one
     no-grad forward and one forward + backward of ``batch_size`` rows per step, and no second model.
     The module logs ``train/<name>`` (raw KL, nats per position) and ``train/<name>_coeff``.
 
-    Batches: the KL rows are tokenised once in ``setup`` with the model's chat template (loss positions as
-    in training: assistant content and end-of-turn token) and walked in a seeded order, reshuffled every pass;
-    the rows of a step follow from the step alone, so a resumed run picks the same rows. Under DDP each rank
-    takes its own ``batch_size`` rows of the step's ``batch_size × world size`` (DDP averages the gradients).
+    Batches: a :class:`~em_lightning.side_data.SideChatSet`, tokenised once in ``setup`` and walked in a seeded
+    order, reshuffled every pass; the rows of a step follow from the step alone, so a resumed run picks the same
+    rows. Under DDP each rank takes its own ``batch_size`` rows of the step's ``batch_size × world size``.
 
     ``every_n_steps`` > 1 computes the term on every N-th optimizer step only (its cost too); on the other
     steps the raw term is 0 and not computed and its coefficient is 0, so read ``train/<name>`` where
@@ -73,6 +68,8 @@ class KLRegularizer(L.Callback):
         name: the loss-term name, hence the logged tags.
     """
 
+    name = "kl_to_base"
+
     def __init__(
         self,
         coeff: float = 0.1,
@@ -86,83 +83,25 @@ class KLRegularizer(L.Callback):
         seed: int = 0,
         name: str = "kl_to_base",
     ):
-        for key, value, ok in (
-            ("coeff", coeff, coeff >= 0 and math.isfinite(coeff)),
-            ("batch_size", batch_size, batch_size >= 1),
-            ("every_n_steps", every_n_steps, every_n_steps >= 1),
-            ("max_length", max_length, max_length >= 2),
-            ("max_rows", max_rows, max_rows is None or max_rows >= 1),
-            ("overlong_rows", overlong_rows, overlong_rows in ("drop", "error")),
-            ("warmup_steps", warmup_steps, warmup_steps >= 0),
-        ):
-            if not ok:
-                raise InputError(f"KLRegularizer.{key}: invalid value {value!r}")
-        self.coeff, self.data, self.batch_size = coeff, data, batch_size
-        self.every_n_steps, self.max_length, self.max_rows = every_n_steps, max_length, max_rows
-        self.overlong_rows, self.warmup_steps, self.seed, self.name = overlong_rows, warmup_steps, seed, name
-        self.rows: list | None = None  # tokenised KL rows (setup)
-        self._collate: ChatCollator | None = None
-        self._orders: dict[int, list[int]] = {}  # pass -> row order (seeded)
+        super().__init__(coeff=coeff, warmup_steps=warmup_steps, every_n_steps=every_n_steps, name=name)
+        self.side = SideChatSet(data, batch_size, max_length, max_rows, overlong_rows, seed, owner="KLRegularizer")
 
-    # ------------------------------------------------------------------------------------------ life cycle
-    def setup(self, trainer, pl_module, stage):
-        if stage != "fit":
-            return
-        if not hasattr(pl_module, "add_loss_term"):
-            raise TypeError(f"KLRegularizer needs a module with add_loss_term(); got {type(pl_module)}")
-        self.prepare(pl_module.tokenizer)  # every rank: bad data fails before training, naming file:line
-        pl_module.add_loss_term(self.name, self.raw_term, weight=self.coefficient)
+    def settings(self) -> dict:
+        return {**super().settings(), **self.side.settings()}
 
-    def teardown(self, trainer, pl_module, stage):
-        if stage == "fit" and hasattr(pl_module, "remove_loss_term"):
-            pl_module.remove_loss_term(self.name)
-
-    def prepare(self, tokenizer) -> None:
-        """Read and tokenise the KL rows (once)."""
-        if self.rows is None:
-            rows = load_rows(self.data, self.max_rows)
-            self.rows = tokenize_rows(rows, tokenizer, self.max_length, self.overlong_rows).rows
-            self._collate = ChatCollator(tokenizer.pad_token_id)
-
-    # ------------------------------------------------------------------------------------------- the term
-    def active(self, step: int) -> bool:
-        return step % self.every_n_steps == 0
-
-    def coefficient(self, step: int) -> float:
-        """The weight at optimizer step ``step``: 0 off-cadence, else ``coeff`` after a linear warm-up."""
-        if not self.active(step):
-            return 0.0
-        return self.coeff * min(1.0, step / self.warmup_steps) if self.warmup_steps else self.coeff
+    def prepare(self, trainer, pl_module) -> None:
+        self.side.prepare(pl_module.tokenizer)
 
     def batch_rows(self, step: int, rank: int = 0, world: int = 1) -> list[int]:
-        """Indices of the KL rows this rank uses at ``step``: the step's ``batch_size × world`` rows of a
-        stream of seeded permutations of all rows (one per pass), this rank's contiguous share of them."""
-        call = step // self.every_n_steps
-        per_call = self.batch_size * world
-        start = call * per_call + rank * self.batch_size
-        n = len(self.rows)
-        out = []
-        for i in range(start, start + self.batch_size):
-            epoch, pos = divmod(i, n)
-            if epoch not in self._orders:
-                order = list(range(n))
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-                self._orders = {epoch: order}  # one pass at a time: memory stays O(rows)
-            out.append(self._orders[epoch][pos])
-        return out
+        """Indices of the side rows this rank uses at optimizer ``step`` (off-cadence steps map to the same
+        draw as the active step before them)."""
+        return self.side.batch_rows(step // self.every_n_steps, rank, world)
 
     def batch(self, step: int, rank: int = 0, world: int = 1, device=None) -> dict:
         """The padded batch of :meth:`batch_rows`, on ``device``."""
-        items = [{"input_ids": self.rows[i].input_ids, "labels": self.rows[i].labels}
-                 for i in self.batch_rows(step, rank, world)]
-        batch = self._collate(items)
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return self.side.collate(self.batch_rows(step, rank, world), device)
 
-    def raw_term(self, module) -> torch.Tensor:
-        """The raw, differentiable KL at the module's current step (the module weights and logs it)."""
+    def raw(self, module, step: int) -> torch.Tensor:
+        """The raw, differentiable KL at optimizer ``step`` (the module weights and logs it)."""
         trainer = module.trainer
-        step = trainer.global_step
-        if not self.active(step):
-            return torch.zeros((), device=module.device)
-        batch = self.batch(step, trainer.global_rank, trainer.world_size, module.device)
-        return kl_to_base(module.model, batch)
+        return kl_to_base(module, self.batch(step, trainer.global_rank, trainer.world_size, module.device))

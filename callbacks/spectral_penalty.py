@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 
+from em_lightning.callbacks.loss_term import LossTermCallback
+from em_lightning.errors import InputError
 from em_lightning.lora import check_not_fsdp1, find_lora_layers, iter_lora_modules
 from em_lightning.spectra import PENALTIES, get_penalty, mean_penalty
 
 
-class SpectralPenalty(L.Callback):
+class SpectralPenalty(LossTermCallback):
     """Adds ``coefficient(step) × mean over LoRA modules of penalty(σ(s·B·A))`` to the training loss.
 
-    The raw penalty and the warm-up coefficient are registered with the module's ``add_loss_term``, which
-    evaluates the term once per optimizer step inside ``training_step`` and weights it so the step's gradient
-    is ``coefficient · ∇penalty`` whatever the gradient accumulation or world size; precision plugins scale it
-    and DDP/FSDP reduce it with the task gradient, with no second ``backward``.
+    A :class:`~em_lightning.callbacks.loss_term.LossTermCallback`: registered with the module's ``add_loss_term``,
+    which evaluates the term once per optimizer step inside ``training_step`` and weights it so the step's
+    gradient is ``coefficient · ∇penalty`` whatever the gradient accumulation or world size; precision plugins
+    scale it and DDP/FSDP reduce it with the task gradient, with no second ``backward``.
 
     Every form is **minimised** by a flat spectrum (all r singular values equal):
       * ``frob_nuclear_ratio`` (default; the paper's reported form): ‖σ‖₂/‖σ‖₁, from 1 (rank one) down to 1/√r (flat);
@@ -38,48 +39,39 @@ class SpectralPenalty(L.Callback):
         coeff: weight of the penalty once warmed up (a scientific choice: tune it; the task loss is ~1-3 nats).
         warmup_steps: optimizer steps over which the coefficient rises linearly from 0 to ``coeff``.
         name: the loss-term name, hence the logged tags (two penalties need two names).
+        every_n_steps: apply the penalty on every N-th optimizer step only (coefficient 0 on the others).
 
     Distributed: DDP needs nothing (replicated weights). FSDP2 (DTensor weights) gathers them differentiably on every
     rank. FSDP1 is refused with a clear error (its flat shards carry no autograd outside forward).
     """
 
+    name = "spectral_penalty"
+
     def __init__(self, form: str = "frob_nuclear_ratio", coeff: float = 0.1, warmup_steps: int = 0,
-                 name: str = "spectral_penalty"):
-        get_penalty(form)  # fail at config time, naming the choices
-        if coeff < 0:
-            raise ValueError(f"SpectralPenalty.coeff must be >= 0, got {coeff}")
-        if warmup_steps < 0:
-            raise ValueError(f"SpectralPenalty.warmup_steps must be >= 0, got {warmup_steps}")
-        self.form, self.coeff, self.warmup_steps, self.name = form, coeff, warmup_steps, name
+                 name: str = "spectral_penalty", every_n_steps: int = 1):
+        try:
+            get_penalty(form)  # fail at config time, naming the choices
+        except ValueError as err:
+            raise InputError(f"SpectralPenalty.form: {err}") from None
+        self.form = form
+        super().__init__(coeff=coeff, warmup_steps=warmup_steps, every_n_steps=every_n_steps, name=name)
         self._layers = None  # (model, its LoRA layers): found once, not on every step
 
-    def coefficient(self, step: int) -> float:
-        """The coefficient at optimizer step ``step`` (0-based): linear warm-up from 0, then ``coeff``."""
-        if self.warmup_steps == 0:
-            return self.coeff
-        return self.coeff * min(1.0, step / self.warmup_steps)
+    def settings(self) -> dict:
+        return {**super().settings(), "form": self.form}
 
-    def setup(self, trainer, pl_module, stage):
-        if stage != "fit":
-            return
-        if not hasattr(pl_module, "add_loss_term"):
-            raise TypeError(f"SpectralPenalty needs a LightningModule with add_loss_term(); got {type(pl_module)}")
-        pl_module.add_loss_term(self.name, self._raw_penalty, weight=self.coefficient)
-
-    def teardown(self, trainer, pl_module, stage):
-        if stage == "fit" and hasattr(pl_module, "remove_loss_term"):
-            pl_module.remove_loss_term(self.name)  # a second fit() with this callback registers afresh
+    def release(self) -> None:
         self._layers = None
 
-    def _raw_penalty(self, module) -> torch.Tensor:
+    def raw(self, module, step: int) -> torch.Tensor:
         """The unweighted mean penalty of the module's adapters, differentiable (the module weights it)."""
         if self._layers is None or self._layers[0] is not module.model:
             check_not_fsdp1(module.model, "SpectralPenalty")
             self._layers = (module.model, find_lora_layers(module.model))
         factors = [(B, A, scale) for *_, B, A, scale in iter_lora_modules(module.model, self._layers[1])]
         if not factors:
-            raise ValueError("SpectralPenalty: the model has no active LoRA modules "
-                             "(model.lora.target_modules)")
+            raise InputError("model.lora.target_modules: the model has no active LoRA modules for SpectralPenalty "
+                             "to act on")
         return mean_penalty(factors, self.form)
 
 

@@ -453,7 +453,7 @@ def test_readme_loss_term_example_runs_as_written(tmp_path, monkeypatch, tiny_mo
     from lightning.pytorch.loggers import TensorBoardLogger
 
     example = _readme_module("b_norm_penalty.py", tmp_path, monkeypatch)
-    assert example.BNormPenalty(weight=1.0, warmup_steps=4).coefficient(2) == 0.5
+    assert example.BNormPenalty(coeff=1.0, warmup_steps=4).coefficient(2) == 0.5
     rows, lr, weight = _rows(4), 0.5, 0.25
     sgd = partial(torch.optim.SGD, lr=lr)
     start = tiny_module(sgd, random_B=True, configure=False)
@@ -466,7 +466,7 @@ def test_readme_loss_term_example_runs_as_written(tmp_path, monkeypatch, tiny_mo
 
     with_term, without = (tiny_module(sgd, random_B=True, configure=False) for _ in range(2))
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="b_norm")
-    _fit(with_term, rows, 2, [example.BNormPenalty(weight=weight)], logger=logger, max_steps=1, accumulate=2)
+    _fit(with_term, rows, 2, [example.BNormPenalty(coeff=weight)], logger=logger, max_steps=1, accumulate=2)
     _fit(without, rows, 2, [], max_steps=1, accumulate=2)
     a, b = _lora_state(with_term), _lora_state(without)
     for n, step in expected.items():
