@@ -105,8 +105,8 @@ class SpectrumLogger(L.Callback):
     the values are those ``add_scalar`` / ``add_histogram`` write.
 
     Distributed: under DDP only rank zero computes. Under FSDP every rank joins the gathers of the LoRA weights
-    (:func:`em_lightning.lora.iter_lora_modules`); rank zero computes and writes. (Multi-rank runs are
-    untested.)
+    (:func:`em_lightning.lora.iter_lora_modules`); rank zero computes and writes. (Both tested on 2 CPU ranks:
+    ``spectra.jsonl`` equals the one-process file, ``tests/test_distributed.py``.)
     """
 
     def __init__(

@@ -301,7 +301,7 @@ def _encode_with_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], l
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 
-def summarize(tokenized: Tokenized) -> dict:
+def summarise(tokenized: Tokenized) -> dict:
     """Counts for the log line: rows, tokens, supervised tokens, truncated rows, dropped rows (and where)."""
     rows = tokenized.rows
     return {
@@ -417,7 +417,7 @@ class ChatDataModule(lightning.LightningDataModule):
         }
         self.train_set = TokenizedDataset(tokenized["train"].rows)
         self.val_set = TokenizedDataset(tokenized["val"].rows) if "val" in tokenized else None
-        self.summary = {name: summarize(t) for name, t in tokenized.items()}
+        self.summary = {name: summarise(t) for name, t in tokenized.items()}
         rank_zero_info(f"[em_lightning] data {self.train_file}: {self.describe()}")
 
     def describe(self) -> str:

@@ -180,7 +180,7 @@ def iter_lora_modules(
       * FSDP1 (``FullyShardedDataParallel``, Lightning's FSDPStrategy): parameters are flat shards outside forward;
         wrap the loop in :func:`gathered_full_params` (no autograd through it: logging only).
     ``tests/test_lora.py`` runs FSDP2 and FSDP1 on one CPU rank (names, values, gradients through the gather);
-    sharding over several ranks is untested.
+    ``tests/test_distributed.py`` FSDP2 on two (spectra equal to one process's). FSDP1 over several ranks: GPU only.
     """
     for name, proj, layer, adapter in find_lora_layers(model) if layers is None else layers:
         if getattr(layer, "disable_adapters", False) or adapter not in layer.active_adapters:
