@@ -1,9 +1,9 @@
 """Test-only callback for the sweep tests, wired into sweep runs by a config overlay.
 
-``FakeProbe`` stands in for the MisalignmentProbe of issue 10 until it lands: it writes
-``<run dir>/probe.jsonl`` in that callback's format (``step``, ``log_odds``, ``misaligned_prob``, one line per
-probed step, step 0 too) with a synthetic value that moves with the adapter (3·‖lora_B‖ − 2), so the
-analysis has a signal that differs between optimisers and along training.
+``FakeProbe`` stands in for the MisalignmentProbe (whose scoring would cost the tiny sweeps more than their
+training): it writes ``<run dir>/probe.jsonl`` lines built by the real probe's own ``ProbeScores.record`` (so the
+same keys, one line per probed step, step 0 too) for one synthetic entry whose log-odds moves with the adapter
+(3·‖lora_B‖ − 2), so the analysis has a signal that differs between optimisers and along training.
 
 It also carries the tests' fault injection, driven by environment variables (the sweep's ``launcher.env``), so
 a run's config, and with it its hash, is the same with and without a fault:
@@ -16,7 +16,6 @@ a run's config, and with it its hash, is the same with and without a fault:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -25,11 +24,18 @@ from pathlib import Path
 
 import lightning as L
 
+from em_lightning import rundir
+from em_lightning.probe import ProbeScores
+
 
 class FakeProbe(L.Callback):
     def __init__(self, every_n_steps: int = 5):
         self.every_n_steps = every_n_steps
         self._last: int | None = None
+        self._run_dir: Path | None = None
+
+    def setup(self, trainer, pl_module, stage):
+        self._run_dir = rundir.resolve_run_dir(trainer)  # every rank: trainer.log_dir is a collective
 
     def _write(self, trainer, pl_module) -> None:
         step = trainer.global_step
@@ -42,14 +48,10 @@ class FakeProbe(L.Callback):
             if "lora_B" in n
         )
         log_odds = 3.0 * math.sqrt(sq) - 2.0
-        record = {
-            "step": step,
-            "log_odds": log_odds,
-            "misaligned_prob": 1.0 / (1.0 + math.exp(-log_odds)),
-            "per_question": {},
-        }
-        with open(Path(trainer.log_dir) / "probe.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        # one entry, one answer a side: its log-odds is the difference of the two scores
+        scores = ProbeScores.from_answer_scores({"fake": {"aligned": [-1.0], "misaligned": [log_odds - 1.0]}})
+        record = scores.record(step, probe_set="fake", n_entries=1, n_answers=2, duration_s=0.0)
+        rundir.append_jsonl(self._run_dir / rundir.PROBE, [record])
 
     def on_train_start(self, trainer, pl_module):
         if trainer.global_step == 0:

@@ -3,8 +3,8 @@ killed run resumed, a submitit requeue resumed, the final adapter equal to an un
 path with fake sbatch/squeue/sacct/scontrol/srun on PATH, the analysis of the tiny sweep's run dirs, and the
 sweep file's errors.
 
-The tiny runs get their misalignment signal from ``tests.sweep_helpers.FakeProbe`` (probe.jsonl in the format
-of issue 10's probe), which also injects the faults. Every training run here is a real
+The tiny runs get their misalignment signal from ``tests.sweep_helpers.FakeProbe`` (probe.jsonl lines built by
+the real probe's own record function), which also injects the faults. Every training run here is a real
 ``python -m em_lightning fit``.
 """
 
@@ -531,21 +531,12 @@ def test_sweep_file_errors_name_the_file_line_and_key(tmp_path, monkeypatch, tex
     assert str(err.value).startswith(message.format(f=f)), str(err.value)
 
 
-def test_an_unknown_config_key_is_the_training_clis_error_in_one_line(tmp_path):
-    import subprocess
-
+def test_an_unknown_config_key_is_the_training_clis_error_in_one_line(tmp_path, monkeypatch, cli_error):
+    monkeypatch.chdir(REPO)
     f = tmp_path / "bad.yaml"
     f.write_text("base: configs/tiny.yaml\nset: {trainer.max_stepz: 3}\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "em_lightning", "sweep", str(f), "--dry-run", "--out", str(tmp_path / "o")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
+    code, lines = cli_error("sweep", f, "--dry-run", "--out", tmp_path / "o")  # the real exit 2: test_module.py
+    assert code == 2
     assert len(lines) == 1 and lines[0].startswith(
         f"error: {f}: run default: the training CLI rejects its config:"
     )
@@ -583,3 +574,134 @@ def test_paper_main_sweep_gives_every_model_its_layout_and_every_run_its_batch()
 
 def _time(state: dict, which: str) -> str:
     return next(h["time"] for h in state["history"] if h["state"] == which)
+
+
+# ------------------------------------------------------------------ config resolution without the command line
+SWEEP_HASHES = REPO / "tests" / "data" / "sweep_hashes.json.gz"
+SNAPSHOT_OUT = "/sweep-out"  # the `out` the snapshot was resolved with (its text names the run dirs)
+
+
+def _imports_of(source: str, package: str) -> set[str]:
+    """Every module an ``import`` / ``from ... import`` in ``source`` names (``from a import b``: ``a`` and
+    ``a.b``), relative ones made absolute from ``package`` (the package the source's module is in)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            base = base if node.level else node.module
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)
+    return names
+
+
+def _package_of(path: Path) -> str:
+    parts = list(path.relative_to(REPO).parts)
+    parts = ["em_lightning", *parts] if parts[0] == "callbacks" else parts  # installed as em_lightning.callbacks
+    return ".".join(parts[:-1])
+
+
+def test_no_module_of_the_package_imports_the_entry_point():
+    """``em_lightning.__main__`` is the program, not a library: importing it from the package made a cycle
+    (the sweep resolved configs by calling it and scraping its stderr)."""
+    files = [*(REPO / "em_lightning").rglob("*.py"), *(REPO / "callbacks").rglob("*.py")]
+    assert len(files) > 20
+    offenders = [
+        str(f.relative_to(REPO))
+        for f in files
+        if f.name != "__main__.py"
+        and "em_lightning.__main__" in _imports_of(f.read_text(encoding="utf-8"), _package_of(f))
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "source, package",
+    [
+        ("from em_lightning.__main__ import main", "em_lightning.sweep"),
+        ("import em_lightning.__main__", "em_lightning.sweep"),
+        ("def f():\n    from em_lightning import __main__", "em_lightning.sweep"),
+        ("from ..__main__ import main", "em_lightning.sweep"),
+        ("from .. import __main__", "em_lightning.sweep"),
+        ("from .__main__ import main", "em_lightning"),
+        ("from ...__main__ import main", "em_lightning.evaluation.assets"),
+    ],
+)
+def test_the_import_scan_sees_every_spelling_of_the_entry_point(source, package):
+    assert "em_lightning.__main__" in _imports_of(source, package)
+    assert "em_lightning.__main__" not in _imports_of(source.replace("__main__", "cli"), package)
+
+
+def _resolve_all(files) -> dict[str, dict]:
+    from em_lightning.sweep.resolve import resolve
+
+    out = {}
+    for name in files:
+        sweep = load_sweep(CONFIGS / "sweeps" / name, out=SNAPSHOT_OUT)
+        for run in sweep.runs():
+            resolved = resolve(sweep, run)
+            out[f"{name}::{run.name}"] = {"hash": resolved.hash, "text": resolved.text}
+    return out
+
+
+@pytest.mark.slow
+def test_every_shipped_sweep_run_resolves_to_the_same_text_and_hash_as_before(monkeypatch):
+    """The snapshot was written by the former resolver (``fit ... --print_config`` through ``__main__``, its
+    stdout captured) at commit 2e1f2f6, for every run of every sweep file then in configs/sweeps/. A run dir
+    whose hash changes is refused by the next `sweep` as changed, so any difference here is one a user sees.
+    A deliberate change of a default (or a new parameter: it enters every hash) must regenerate the snapshot
+    (tests/data/README) and say so in the commit."""
+    import difflib
+    import gzip
+
+    monkeypatch.chdir(REPO)  # the sweep files' paths are relative to the repository, like --config
+    before = json.loads(gzip.decompress(SWEEP_HASHES.read_bytes()))
+    files = sorted({key.split("::")[0] for key in before})
+    now = _resolve_all(files)
+    assert sorted(now) == sorted(before)
+    changed = [key for key in before if now[key] != before[key]]
+    first = changed[0] if changed else None
+    diff = "".join(
+        difflib.unified_diff(before[first]["text"].splitlines(True), now[first]["text"].splitlines(True), n=1)
+    ) if first else ""
+    assert not changed, f"{len(changed)} of {len(before)} runs changed, first {first}:\n{diff}"
+
+
+def test_resolution_equals_what_print_config_prints(tmp_path, monkeypatch):
+    """The resolver's text is the training CLI's own ``fit ... --print_config`` output for the same stack of
+    files (a real process: the comparison holds for whatever the classes' parameters are today)."""
+    import subprocess
+
+    from em_lightning.sweep.resolve import nested, output_keys, resolve
+
+    monkeypatch.chdir(REPO)
+    sweep = load_sweep(CONFIGS / "sweeps" / "tiny.yaml", out=tmp_path)
+    run = sweep.runs()[-1]  # lion, seed 1: an overlay file, keys of the zipped axis and the seed
+    resolved = resolve(sweep, run)
+    overlay = tmp_path / "run.yaml"
+    overlay.write_text(yaml.safe_dump(nested({**run.overrides, **output_keys(resolved.dir)}), sort_keys=False))
+    files = [*sweep.base, *run.configs, str(overlay)]
+    printed = subprocess.run(
+        [sys.executable, "-m", "em_lightning", "fit", *[a for f in files for a in ("--config", f)], "--print_config"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    assert resolved.text.split("\n", 2)[2] == printed  # without the sweep's two-line header
+    assert resolved.config == yaml.safe_load(printed)
+    assert resolved.config["model"]["optimizer"]["class_path"].endswith("Lion") and resolved.config["seed_everything"] == 1
+
+
+def test_a_rejected_config_is_an_input_error_with_the_parsers_message_and_no_exit():
+    from em_lightning.cli import ConfigRejected, resolve_fit_config
+    from em_lightning.errors import InputError
+
+    text, config = resolve_fit_config(["--config", str(CONFIGS / "tiny.yaml"), "--trainer.max_steps", "7"])
+    assert config["trainer"]["max_steps"] == 7 and "max_steps: 7" in text
+    with pytest.raises(ConfigRejected) as err:
+        resolve_fit_config(["--config", str(CONFIGS / "tiny.yaml"), "--trainer.max_stepz", "7"])
+    assert isinstance(err.value, InputError) and "max_stepz" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigRejected, match="model.lora.r"):
+        resolve_fit_config(["--config", str(CONFIGS / "tiny.yaml"), "--model.lora.r", "many"])
