@@ -9,6 +9,11 @@ two ranks × batch 4 as one rank × batch 8. No row is repeated to pad an epoch;
 Each micro-batch carries the supervised-token count of its whole step (``step_supervised_tokens``, known here
 on the host when the step is formed, so no collective is needed) and its place in the accumulation window
 (``window_pos`` of ``window_len``); :mod:`em_lightning.loss` divides by the former.
+
+With mixed-in data (``data.mix``, :mod:`em_lightning.mixing`) a step's ``G`` rows are its narrow rows plus the
+mixed rows the schedule gives that step, joined before the split, so the split still does not change what a step
+trains on. An epoch is one pass over the narrow rows; the narrow rows per step vary by the schedule's rounding,
+so epochs may differ in length by a step (the loader tells Lightning each epoch's length).
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from __future__ import annotations
 import math
 import random
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from em_lightning.mixing import MixSchedule, MixSource
 
 IGNORE_INDEX = -100
 MEGABATCH_FACTOR = 50  # global batches sorted together when grouping by length
@@ -34,16 +42,20 @@ class MicroBatch:
     step_supervised_tokens: int
     window_pos: int
     window_len: int
+    mixed_rows_used: int | None = None  # with data.mix: mixed rows trained on once this step is done
 
 
 class TokenizedDataset(Dataset):
     """Tokenised rows (objects with ``input_ids`` and ``labels``) as a map-style dataset.
 
-    ``dataset[i]`` is one row's dict; ``dataset[micro_batch]`` is ``(list of row dicts, micro_batch)``.
+    ``dataset[i]`` is one row's dict; ``dataset[micro_batch]`` is ``(list of row dicts, micro_batch)``. With
+    ``narrow_rows`` (mixed-in data: the first ``narrow_rows`` rows are the narrow set, the rest mixed rows) each
+    row's dict also says whether it is ``mixed``.
     """
 
-    def __init__(self, rows: Sequence):
+    def __init__(self, rows: Sequence, narrow_rows: int | None = None):
         self.rows = list(rows)
+        self.narrow_rows = narrow_rows
         # Labels are shifted by one in the loss, so the first token is never predicted.
         self.supervised = [int((r.labels[1:] != IGNORE_INDEX).sum()) for r in self.rows]
 
@@ -53,7 +65,10 @@ class TokenizedDataset(Dataset):
     def __getitem__(self, key):
         if isinstance(key, MicroBatch):
             return [self[i] for i in key.rows], key
-        return {"input_ids": self.rows[key].input_ids, "labels": self.rows[key].labels}
+        item = {"input_ids": self.rows[key].input_ids, "labels": self.rows[key].labels}
+        if self.narrow_rows is not None:
+            item["mixed"] = key >= self.narrow_rows
+        return item
 
     def lengths(self) -> list[int]:
         return [len(r.input_ids) for r in self.rows]
@@ -69,6 +84,9 @@ class ChatCollator:
     block-diagonally from the position ids (see :mod:`em_lightning.loss`). The label at each row's start is
     ``-100``: it would otherwise be predicted from the previous row's last token. The counts are those of the
     padded layout.
+
+    With mixed-in data the batch also has ``mixed`` (bool, one per row, in row order), ``n_supervised_narrow``
+    (supervised tokens of the narrow rows) and ``mixed_rows_used`` (mixed rows trained on once the step is done).
     """
 
     def __init__(self, pad_token_id: int, padding_free: bool = False):
@@ -83,6 +101,13 @@ class ChatCollator:
         if micro is not None:
             batch.update(step_supervised_tokens=micro.step_supervised_tokens, window_pos=micro.window_pos,
                          window_len=micro.window_len)
+            if micro.mixed_rows_used is not None:
+                batch["mixed_rows_used"] = micro.mixed_rows_used
+        if "mixed" in items[0]:
+            batch["mixed"] = torch.tensor([it["mixed"] for it in items], dtype=torch.bool)
+            batch["n_supervised_narrow"] = sum(
+                int((it["labels"][1:] != IGNORE_INDEX).sum()) for it in items if not it["mixed"]
+            )
         return batch
 
     @staticmethod
@@ -140,6 +165,7 @@ class StepSampler(DistributedSampler):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        mix: Sequence[MixSource] = (),
     ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.lengths = dataset.lengths()
@@ -148,29 +174,72 @@ class StepSampler(DistributedSampler):
         self.group_by_length = group_by_length
         self.skip_batches = 0
         self._warned = False
+        # Narrow rows are the dataset's first rows; mixed rows (after them) enter only through the schedule.
+        self.narrow_rows = len(dataset) if dataset.narrow_rows is None else dataset.narrow_rows
+        self.schedule = MixSchedule(mix, self.global_batch_size) if mix else None
+        self._epoch_starts = [0]  # optimizer step at which each epoch starts, computed as far as needed
 
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.accumulate * self.num_replicas
 
+    def narrow_per_step(self, step: int) -> int:
+        return self.global_batch_size - (self.schedule.mixed_count(step) if self.schedule else 0)
+
+    def epoch_plan(self, start: int) -> tuple[list[int], int]:
+        """Narrow rows of each full step of an epoch that starts at optimizer step ``start``, and the rows of its
+        short last step (0 when there is none)."""
+        full, left, step = [], self.narrow_rows, start
+        while left > 0 and self.narrow_per_step(step) <= left:
+            full.append(self.narrow_per_step(step))
+            left -= full[-1]
+            step += 1
+        return full, left
+
+    def epoch_start_step(self, epoch: int) -> int:
+        """The optimizer step (counted over the whole run) at which ``epoch`` starts."""
+        while len(self._epoch_starts) <= epoch:
+            full, short = self.epoch_plan(self._epoch_starts[-1])
+            self._epoch_starts.append(self._epoch_starts[-1] + len(full) + (1 if short else 0))
+        return self._epoch_starts[epoch]
+
     def step_rows(self) -> list[list[int]]:
         """Every optimizer step's rows for the current epoch (the same on every rank, for any split)."""
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        order = list(range(len(self.lengths)))
+        order = list(range(self.narrow_rows))
         rng.shuffle(order)
-        size = self.global_batch_size
         if self.group_by_length:
-            mega = MEGABATCH_FACTOR * size
+            mega = MEGABATCH_FACTOR * self.global_batch_size
             order = [
                 i
                 for lo in range(0, len(order), mega)
                 for i in sorted(order[lo : lo + mega], key=lambda k: self.lengths[k], reverse=True)
             ]
-        steps = [order[lo : lo + size] for lo in range(0, len(order), size)]
-        full, short = [s for s in steps if len(s) == size], [s for s in steps if len(s) < size]
+        start = self.epoch_start_step(self.epoch)
+        sizes, short = self.epoch_plan(start)
+        # Step j trains on chunk pick[j] of the order; grouped, the full chunks go to steps in a shuffled order
+        # (else every epoch would go from long to short within each mega-batch). Chunk k is cut to the size of
+        # the step it goes to; the short chunk (if any) comes last.
+        pick = list(range(len(sizes)))
         if self.group_by_length:
-            rng.shuffle(full)  # otherwise every epoch would go from long to short within each mega-batch
-        return full + short
+            rng.shuffle(pick)
+        cut_sizes = [0] * len(sizes)
+        for j, k in enumerate(pick):
+            cut_sizes[k] = sizes[j]
+        bounds = [0]
+        for n in cut_sizes:
+            bounds.append(bounds[-1] + n)
+        chunks = [order[bounds[k] : bounds[k + 1]] for k in range(len(sizes))]
+        steps = [chunks[k] for k in pick] + ([order[bounds[-1] :]] if short else [])
+        if self.schedule is None:
+            return steps
+        return [self._with_mixed(rows, start + j) for j, rows in enumerate(steps)]
+
+    def _with_mixed(self, rows: list[int], step: int) -> list[int]:
+        rows = rows + self.schedule.mixed_rows(step)
+        if not self.group_by_length:  # (grouping sorts the step by length in split)
+            random.Random(f"{self.seed}:{step}").shuffle(rows)  # mixed rows spread over the micro-batches
+        return rows
 
     def split(self, rows: list[int]) -> list[list[int]]:
         """One step's rows cut into micro-batches in (slot, rank) order: index ``slot * world + rank``."""
@@ -194,11 +263,13 @@ class StepSampler(DistributedSampler):
     def epoch_micro_batches(self) -> list[MicroBatch]:
         """This rank's micro-batches for the current epoch."""
         out = []
-        for rows in self.step_rows():
+        start = self.epoch_start_step(self.epoch)
+        for j, rows in enumerate(self.step_rows()):
             micro = self.split(rows)
             mine = micro[self.rank :: self.num_replicas]
             tokens = sum(self.supervised[i] for b in micro for i in b)
-            out += [MicroBatch(tuple(b), tokens, pos, len(mine)) for pos, b in enumerate(mine)]
+            used = self.schedule.used_total(start + j + 1) if self.schedule else None
+            out += [MicroBatch(tuple(b), tokens, pos, len(mine), used) for pos, b in enumerate(mine)]
         return out
 
     def __iter__(self) -> Iterator[MicroBatch]:
@@ -216,17 +287,27 @@ class ResumableDataLoader(DataLoader):
     Lightning saves ``state_dict()`` (epoch and micro-batches handed out) with the loop state; after
     ``load_state_dict`` the next iteration of the same epoch skips the micro-batches already trained on, so a run
     resumed from a mid-epoch checkpoint sees the same batch at the next step as an uninterrupted run.
+
+    Lightning measures an epoch's length once, when fit starts. With mixed-in data epochs may differ by a step,
+    so when ``trainer`` is given the loader sets the fit loop's epoch length at the start of each epoch: a longer
+    epoch would otherwise be cut short, a shorter one would end without its last optimizer step.
     """
 
     _resume: tuple[int, int] | None = None
     _handed_out: int = 0
 
-    def __init__(self, dataset: TokenizedDataset, sampler: StepSampler, collate_fn, num_workers: int = 0):
+    def __init__(self, dataset: TokenizedDataset, sampler: StepSampler, collate_fn, num_workers: int = 0,
+                 trainer=None):
         # batch_size=None: the sampler yields whole micro-batches (MicroBatch), which the dataset resolves.
         super().__init__(dataset, batch_size=None, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers)
+        self._trainer = weakref.ref(trainer) if trainer is not None else None
 
     def __iter__(self):
         sampler = self.sampler
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None and sampler.schedule is not None and trainer.limit_train_batches == 1.0 \
+                and isinstance(trainer.limit_train_batches, float):
+            trainer.fit_loop.max_batches = len(self)  # this epoch's length (see the class doc)
         skip = 0
         if self._resume is not None:
             epoch, done = self._resume
