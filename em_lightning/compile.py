@@ -28,7 +28,7 @@ def compile_blocks(peft_model: torch.nn.Module, backend: str | None = None) -> i
     how many were compiled."""
     import torch._dynamo.config as dynamo_config
 
-    from em_lightning.sharding import transformer_blocks
+    from em_lightning.models import transformer_blocks
 
     for key in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.6
         if hasattr(dynamo_config, key):

@@ -9,9 +9,11 @@ read-only use.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -223,3 +225,30 @@ def check_not_fsdp1(model: torch.nn.Module, who: str) -> None:
             f"{who} needs differentiable LoRA weights, and FSDP1 shards (trainer.strategy: fsdp) carry no "
             "autograd outside forward: use DDP or FSDP2 (ModelParallelStrategy / fully_shard)"
         )
+
+
+# ----------------------------------------------------------------------------- a saved adapter's config file
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """A PEFT adapter dir's ``adapter_config.json``, or an :class:`~em_lightning.errors.InputError` naming the
+    file (and line) when it is missing, unreadable or not a JSON object."""
+    path = Path(adapter_dir).expanduser() / "adapter_config.json"
+    text = read_text(path, "adapter config (is this a PEFT adapter dir?)")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def adapter_rank(adapter_dir: str | Path) -> int:
+    """The rank ``r`` in a PEFT adapter dir's ``adapter_config.json`` (max over ``rank_pattern`` too)."""
+    config = read_adapter_config(adapter_dir)
+    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+        raise InputError(
+            f"{Path(adapter_dir) / 'adapter_config.json'}: `r` and `rank_pattern` must be positive "
+            f"integers, got {ranks}"
+        )
+    return max(ranks)

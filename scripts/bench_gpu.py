@@ -277,7 +277,8 @@ def run_em(args, rows, device, dtype, *, padding_free=False, compile=False, chun
         lora=LoRASpec(r=args.rank, alpha=args.alpha, dropout=0.0, use_rslora=True, target_modules=list(SEVEN)),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=fused),
         loss_chunk_size=chunk, compile=compile,
-        fsdp=FSDPSpec(param_dtype="bfloat16" if device.type == "cuda" else None, reduce_dtype="float32"),
+        # auto: the gather dtype follows the trainer's precision below (a bf16 base is gathered in bf16 as stored)
+        fsdp=FSDPSpec(param_dtype="auto", reduce_dtype="float32"),
     )
     strategy = "auto"
     if fsdp2:

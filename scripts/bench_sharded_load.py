@@ -67,7 +67,7 @@ def child(mode: str, model_dir: str) -> None:
         dist.init_process_group("gloo")
         mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("data_parallel",))
         model = load_sharded_lora_model(spec, lora, mesh, FSDPSpec(param_dtype=None, reduce_dtype=None),
-                                        torch.device("cpu"), seed=0)
+                                        torch.device("cpu"), seed=0, precision="32-true")
         dist.barrier()
     # Touch every weight this process holds: from_pretrained may map the file without reading it, and a model that
     # trains reads all of it; the peak then counts what holding the model really costs.
