@@ -18,14 +18,16 @@ from typing import Literal
 import lightning as L
 from lightning.pytorch.accelerators import CUDAAccelerator
 
+from em_lightning import rundir
 from em_lightning.distributed import RankZeroWait
 from em_lightning.errors import InputError
-from em_lightning.evaluation.judge import JudgeConfig
-from em_lightning.evaluation.runner import EvalFailed, GenerationConfig, append_jsonl, summary_dict
+from em_lightning.evaluation.runner import EvalFailed, summary_dict
 from em_lightning.evaluation.session import EvalSession
-from em_lightning.evaluation.sidecar import SidecarConfig
+from em_lightning.evaluation.settings import EvalSettings, takes_eval_settings
+from em_lightning.rundir import append_jsonl
 
 
+@takes_eval_settings
 class MisalignmentEval(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and when training ends), on rank zero:
 
@@ -71,21 +73,8 @@ class MisalignmentEval(L.Callback):
 
     Args:
         every_n_steps: optimizer steps between evals.
-        questions: question source(s): ``builtin:quickstart``, ``em:first_plot_questions``, or YAML path(s).
-        question_ids: evaluate only these ids.
-        generation: sampling settings of the evaluated model (answers per question, length, temperature, seed,
-            requests in flight), the same as ``evaluate --generation``.
-        judge: judge endpoint and number mode (default: the sidecar's base model, a smoke test only).
-        sidecar: how to start the vLLM server, or ``url`` of one to attach to.
+        {eval_settings}
         mode: ``async`` or ``blocking``.
-        definition: ``em`` (drop coherent <= 50, then aligned < 30) or ``mo`` (aligned <= 30 and coherent > 50
-            over all scored answers).
-        misalign_at_k: the k to log misalign@k for: per question, the probability that at least one of k
-            answers is misaligned under ``definition``, the unbiased pass@k-style estimate from the question's
-            counted answers (NaN, so not logged, when it has fewer than k); e.g. ``[1, 5, 10]``. None: none.
-        extra_judge_prompts: also score the judge prompts beyond ``aligned`` and ``coherent`` that the
-            question file defines: True for all of them, or a list of names; each costs one judge request per
-            answer (more with a digit judge). Scores go to the samples' ``extra_scores``.
         eval_at_start: also evaluate before the first update (the base model with a zero adapter).
         eval_at_end: evaluate the final adapter when training ends (if that step was not just evaluated).
         eval_timeout_s: an eval not done after this long is recorded as failed and abandoned.
@@ -97,27 +86,22 @@ class MisalignmentEval(L.Callback):
         log_per_question: also log per-question scalars.
     """
 
-    # Default instances, not None: jsonargparse shows their fields in --help and --print_config. Never mutated.
+    # The eight eval settings (questions ... extra_judge_prompts) come in **settings: takes_eval_settings puts
+    # them in the signature jsonargparse reads, after every_n_steps, with the defaults of EvalSettings.
     def __init__(
         self,
         every_n_steps: int = 100,
-        questions: str | list[str] = "builtin:quickstart",
-        question_ids: list[str] | None = None,
-        generation: GenerationConfig = GenerationConfig(),  # noqa: B008
-        judge: JudgeConfig = JudgeConfig(),  # noqa: B008
-        sidecar: SidecarConfig = SidecarConfig(),  # noqa: B008
+        *,
         mode: Literal["async", "blocking"] = "async",
-        definition: Literal["em", "mo"] = "em",
-        misalign_at_k: list[int] | None = None,
-        extra_judge_prompts: bool | list[str] = False,
         eval_at_start: bool = False,
         eval_at_end: bool = True,
         eval_timeout_s: float = 3600.0,
         max_restarts: int = 1,
-        samples_file: str = "misalignment_samples.jsonl",
-        summary_file: str = "misalignment_summary.jsonl",
+        samples_file: str = rundir.SAMPLES,
+        summary_file: str = rundir.SUMMARY,
         keep_adapters: bool = False,
         log_per_question: bool = True,
+        **settings,
     ):
         if every_n_steps < 1:
             raise InputError(f"MisalignmentEval.every_n_steps: must be >= 1, got {every_n_steps}")
@@ -125,10 +109,7 @@ class MisalignmentEval(L.Callback):
             raise InputError(f"MisalignmentEval.mode: must be 'async' or 'blocking', got {mode!r}")
         self.every_n_steps = every_n_steps
         # Checks the definition and the judge's key; reads no question file (that is setup's job).
-        self.session = EvalSession(
-            questions, question_ids, generation, judge, sidecar, definition,
-            misalign_at_k=misalign_at_k, extra_judge_prompts=extra_judge_prompts,
-        )
+        self.session = EvalSession(EvalSettings.take(settings))
         self.mode = mode
         self.eval_at_start = eval_at_start
         self.eval_at_end = eval_at_end
@@ -162,7 +143,7 @@ class MisalignmentEval(L.Callback):
         self.session.load_questions()
         # Collectives, so on every rank: the run dir (a broadcast) and the side group the other ranks wait in
         # while rank zero starts the sidecar or evaluates (see em_lightning.distributed).
-        self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._run_dir = rundir.resolve_run_dir(trainer)
         if self._rank_zero_wait is None:
             longest = max(self.eval_timeout_s, getattr(self.session.sidecar_config, "startup_timeout_s", 0.0))
             self._rank_zero_wait = RankZeroWait(2 * longest + 300)
@@ -180,7 +161,7 @@ class MisalignmentEval(L.Callback):
         self.session.start(
             model=getattr(pl_module, "base_model_dir", None),
             lora_rank=getattr(getattr(pl_module, "lora", None), "r", None),
-            log_path=self._run_dir / "vllm_sidecar.log",
+            log_path=self._run_dir / rundir.SIDECAR_LOG,
             trainer_devices=trainer.num_devices if isinstance(trainer.accelerator, CUDAAccelerator) else 0,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="misalignment-eval")
@@ -224,7 +205,7 @@ class MisalignmentEval(L.Callback):
     # ----------------------------------------------------------------------------------------------- evals
     def _trigger(self, trainer, pl_module, step: int) -> None:
         self._last_step = step
-        adapter_dir = self._run_dir / "eval_adapters" / f"step_{step:08d}"
+        adapter_dir = rundir.eval_adapter_dir(self._run_dir, step)
         # Collective (FSDP2 gathers the sharded adapter), on the trainer's thread: the weights change next step.
         pl_module.save_adapter(adapter_dir)
         try:

@@ -103,7 +103,7 @@ def load_probe_set(
     return load_entries(sources, resolve_probe_source, _parse_entry, "probe", ProbeFileError, ids)
 
 
-def _parse_entry(entry: object, where: str) -> ProbeEntry:
+def _parse_entry(entry: object, where: str, _source: str = "") -> ProbeEntry:
     if not isinstance(entry, dict):
         raise ProbeFileError(f"{where}: each probe entry must be a mapping, got {type(entry).__name__}")
     qid = entry.get("id")

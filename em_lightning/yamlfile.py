@@ -74,12 +74,13 @@ def read_yaml_list(path: Path, what: str, error: type[InputError]) -> list[tuple
 def load_entries(
     sources: str | Path | Sequence[str | Path],
     resolve: Callable[[str | Path], Path],
-    parse: Callable[[object, str], T],
+    parse: Callable[[object, str, str], T],
     noun: str,
     error: type[InputError],
     ids: Iterable[str] | None = None,
 ) -> list[T]:
-    """The entries of every source in order, each parsed by ``parse(entry, "file:line")``.
+    """The entries of every source in order, each parsed by ``parse(entry, "file:line", source)`` (``source``
+    as given, e.g. ``builtin:em``: which set the entry came from).
 
     Ids are unique across all sources (a repeat names both places); ``ids`` keeps only those (every one must
     exist); no entry left is an error. ``noun`` names an entry in messages (``question``, ``probe``); parsed
@@ -92,7 +93,7 @@ def load_entries(
     seen: dict[str, str] = {}
     for source in sources:
         for raw, where in read_yaml_list(resolve(source), f"{noun} file", error):
-            entry = parse(raw, where)
+            entry = parse(raw, where, str(source))
             if entry.id in seen:
                 raise error(f"{entry.source}: {noun} id {entry.id!r} already defined at {seen[entry.id]}")
             seen[entry.id] = entry.source

@@ -44,10 +44,10 @@ import torch
 import yaml
 
 from em_lightning.evaluation import SidecarConfig, VLLMSidecar, load_questions
-from em_lightning.evaluation.runner import read_records
 from em_lightning.evaluation.sidecar import default_vllm_python
 from em_lightning.evaluation.testing import random_adapters
 from em_lightning.models import SMOLLM2, load_tokenizer, resolve_model_dir
+from em_lightning.rundir import read_jsonl as read_records
 
 
 def bench_hf(model, tokenizer, conversations, max_tokens: int) -> tuple[float, int]:

@@ -214,7 +214,7 @@ def test_along_training_sees_optimizer_grow_while_loss_shrinks():
     assert list(along["frac"]) == [0.2, 0.5, 1.0] and (along["n_runs"] == 20).all()
     assert along["partial_r2_optimizer"].is_monotonic_increasing
     assert along["partial_r2_loss"].iloc[-1] < along["partial_r2_loss"].iloc[0]
-    assert stats.trend(along)["answer"] is True
+    assert stats.trend(pd.DataFrame(rows), "aligned_mean", bins=10, n_boot=200)["answer"] == "yes"
 
 
 # ------------------------------------------------------------------------------------------------ run dirs
@@ -416,3 +416,438 @@ def test_analyze_names_a_bad_input_in_one_line(tmp_path, capsys):
             "files) and holds none"
         )
     ]
+
+
+# ============================================================================ issue 14: inputs, signals, fits
+def _cli(args: list[str]):
+    from em_lightning.analysis.cli import main as analyze_main
+
+    return analyze_main([str(a) for a in args])
+
+
+def _two_per_optimizer(seed: int = 5) -> pd.DataFrame:
+    """The saturated design: 4 optimisers × 2 runs each, one final eval per run."""
+    d = planted(seeds=2, seed=seed)
+    return d[d["dataset"] == "insecure"].reset_index(drop=True)
+
+
+@pytest.mark.parametrize(
+    ("column", "row", "value", "says"),
+    [
+        ("step", 3, "ten", "not a number"),
+        ("log_train_loss", 5, "inf", "not finite"),
+        ("misalignment_rate", 2, "1.5", "outside [0, 1]"),
+        ("probe_misaligned_prob", 7, "-0.1", "outside [0, 1]"),
+        ("aligned_mean", 4, "n/a?", "not a number"),
+    ],
+)
+def test_read_table_names_the_column_and_line_of_a_bad_value(tmp_path, column, row, value, says):
+    from em_lightning.analysis.table import AnalysisError, read_table
+    from em_lightning.errors import InputError
+
+    d = planted().astype({column: object} if column in planted() else {})
+    if column not in d:
+        d[column] = 0.5
+    d[column] = d[column].astype(object)
+    d.loc[row, column] = value
+    d.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(AnalysisError) as err:
+        read_table(tmp_path / "t.csv")
+    assert isinstance(err.value, InputError)
+    msg = str(err.value)
+    assert f"column `{column}`" in msg and f"line {row + 2}" in msg and says in msg, msg
+
+
+def test_text_in_step_is_an_error_not_a_string_comparison(tmp_path):
+    """Steps compared as strings make '50' the final eval instead of '100': refuse the table."""
+    from em_lightning.analysis.table import AnalysisError, read_table
+
+    d = pd.concat([planted(), planted().assign(step=50, frac_trained=0.5)], ignore_index=True)
+    d["step"] = d["step"].astype(object)
+    d.loc[0, "step"] = "100 "  # stray text after the number
+    d.loc[1, "step"] = "final"
+    d.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(AnalysisError, match=r"column `step`.*line 3"):
+        read_table(tmp_path / "t.csv")
+
+
+def test_empty_table_and_one_run_are_errors(tmp_path):
+    from em_lightning.analysis.table import AnalysisError
+
+    planted().head(0).to_csv(tmp_path / "empty.csv", index=False)
+    with pytest.raises(AnalysisError, match="no rows"):
+        _cli(["--table", tmp_path / "empty.csv", "--out", tmp_path / "o1"])
+    one = pd.concat([planted().head(1), planted().head(1).assign(step=50)])
+    one.to_csv(tmp_path / "one.csv", index=False)
+    with pytest.raises(AnalysisError, match="1 run"):
+        _cli(["--table", tmp_path / "one.csv", "--out", tmp_path / "o2"])
+    assert not (tmp_path / "o2" / "report.md").exists()
+
+
+def test_unnamed_index_columns_are_ignored(tmp_path):
+    from em_lightning.analysis.table import extra_factors, read_table
+
+    planted().to_csv(tmp_path / "t.csv", index=True)  # pandas' default writes the index as 'Unnamed: 0'
+    table = read_table(tmp_path / "t.csv")
+    assert not [c for c in table.columns if c.startswith("Unnamed")]
+    assert extra_factors(table) == []
+
+
+def test_a_factor_with_missing_levels_gets_an_explicit_NA_level(tmp_path):
+    """Two sweeps analysed together: lora_rank is an axis of one of them only."""
+    d = planted()
+    d["lora_rank"] = np.where(d["seed"] % 2 == 0, 8.0, np.nan)  # NaN for the other sweep's runs
+    d.to_csv(tmp_path / "t.csv", index=False)
+    summary = _cli(["--table", tmp_path / "t.csv", "--out", tmp_path / "o", "--bootstrap", "50"])
+    assert "lora_rank" in summary["factors"]
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "| NA |" in report  # the seeds table keeps the NA level as a row
+    seeds = stats.seed_spread(stats.as_levels(d, ["optimizer", "lora_rank"]), "aligned_mean", ["lora_rank"])
+    assert sorted(seeds["lora_rank"]) == ["8.0", "NA"] and seeds["n_seeds"].sum() == len(d)
+
+
+def test_run_dir_reader_refuses_a_non_numeric_or_out_of_range_value(tmp_path):
+    from em_lightning.analysis.table import build_table
+    from em_lightning.errors import InputError
+
+    for case, line in (("text", {"step": 4, "rate": "high"}), ("range", {"step": 4, "rate": 1.7})):
+        root = tmp_path / case
+        _write_run(
+            root,
+            "r",
+            {0: {"loss": {s: 1.0 for s in range(8)}, "jsonl": {"misalignment_summary.jsonl": [line]}}},
+            _config("adamw", 1e-4),
+        )
+        with pytest.raises(InputError) as err:
+            build_table([root])
+        msg = str(err.value)
+        assert "misalignment_summary.jsonl" in msg and "step 4" in msg and "rate" in msg, msg
+    root = tmp_path / "inf"
+    _write_run(
+        root,
+        "r",
+        {0: {"loss": {s: 1.0 for s in range(8)}, "jsonl": {"probe.jsonl": [{"step": 8, "log_odds": math.inf}]}}},
+        _config("adamw", 1e-4),
+    )
+    with pytest.raises(InputError, match=r"probe.jsonl.*step 8.*log_odds.*not finite"):
+        build_table([root])
+
+
+def _probe_only(n_opts: int = 3, seeds: int = 4) -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    rows = []
+    for i, opt in enumerate(OPTS[:n_opts]):
+        for s in range(seeds):
+            for step, frac in ((10, 0.5), (20, 1.0)):
+                x = rng.uniform(-1, 0)
+                rows.append(
+                    {
+                        "run": f"{opt}-{s}",
+                        "optimizer": opt,
+                        "seed": s,
+                        "step": step,
+                        "frac_trained": frac,
+                        "log_train_loss": x,
+                        "train_loss": math.exp(x),
+                        "probe_log_odds": -1 + 0.5 * i + x + rng.normal(0, 0.1),
+                        "probe_misaligned_prob": 0.2 + 0.1 * i + rng.uniform(0, 0.05),
+                        "state": "done",
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_signal_auto_analyses_the_signal_the_runs_have(tmp_path):
+    _probe_only().to_csv(tmp_path / "t.csv", index=False)
+    summary = _cli(["--table", tmp_path / "t.csv", "--out", tmp_path / "o", "--bootstrap", "50"])
+    assert summary["signal"] == "probe" and summary["signal_choice"].startswith("auto")
+    first = (tmp_path / "o" / "report.md").read_text().splitlines()[0]
+    assert "probe" in first and "auto" in first
+    assert {"loss_alignment", "trajectories", "rate_by_optimizer"} <= set(summary["figures"])
+    d = planted()
+    d["probe_log_odds"] = 0.0
+    d.to_csv(tmp_path / "both.csv", index=False)
+    assert _cli(["--table", tmp_path / "both.csv", "--out", tmp_path / "o2", "--bootstrap", "50"])["signal"] == "judge"
+
+
+def test_asking_for_a_signal_no_run_has_names_the_ones_present(tmp_path):
+    from em_lightning.analysis.table import AnalysisError
+
+    _probe_only().to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(AnalysisError, match=r"no run has a judge.*these runs have: probe"):
+        _cli(["--table", tmp_path / "t.csv", "--out", tmp_path / "o", "--signal", "judge"])
+
+
+def test_two_runs_per_optimizer_is_saturated_and_says_so(tmp_path, capfd):
+    """A line through two points is no slope; the additive model with 3 residual df is below the floor."""
+    import warnings
+
+    import statsmodels.formula.api as smf
+
+    d = _two_per_optimizer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = stats.loss_models(d, "aligned_mean")
+        a = stats.anova(d, "aligned_mean", ["optimizer"])
+    assert not caught and capfd.readouterr().err == ""  # no solver warnings leak
+    assert out["runs_per_optimizer"] == dict.fromkeys(OPTS, 2)
+    for opt in OPTS:
+        slope = out["slopes"][opt]
+        assert math.isnan(slope["slope"]) and "2 runs" in slope["reason"]
+    assert math.isnan(out["r2_interaction"]) and "slope" in out["notes"]["interaction"]
+    sm_add = smf.ols("aligned_mean ~ log_train_loss + C(optimizer)", d).fit()
+    sm_loss = smf.ols("aligned_mean ~ log_train_loss", d).fit()
+    assert out["df_resid"]["loss_optimizer"] == sm_add.df_resid == 3
+    assert out["df_resid"]["loss"] == sm_loss.df_resid == 6
+    assert out["r2_loss_optimizer"] == pytest.approx(sm_add.rsquared, rel=1e-10)
+    assert out["saturated"]["loss_optimizer"] is True and out["saturated"]["loss"] is False
+    assert a["saturated"] is True and all(math.isnan(t["p"]) for t in a["terms"].values())
+    d.to_csv(tmp_path / "t.csv", index=False)
+    _cli(["--table", tmp_path / "t.csv", "--out", tmp_path / "o", "--bootstrap", "50"])
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "saturated" in report and f"fewer than {stats.RESID_DF_FLOOR} residual" in report
+    assert "1.6e-05" not in report
+
+
+def test_per_optimizer_slopes_match_scipy_and_need_three_distinct_losses():
+    from scipy.stats import linregress
+
+    d = planted()
+    d.loc[d["optimizer"] == "sgd", "log_train_loss"] = np.tile([-1.0, -0.5], 6)  # only 2 distinct losses
+    out = stats.loss_models(d, "aligned_mean")
+    for opt in ("adam", "lion", "muon"):
+        g = d[d["optimizer"] == opt]
+        ref = linregress(g["log_train_loss"], g["aligned_mean"])
+        got = out["slopes"][opt]
+        assert got["slope"] == pytest.approx(ref.slope, rel=1e-9)
+        assert got["se"] == pytest.approx(ref.stderr, rel=1e-9)
+        assert got["n_runs"] == len(g)
+        if len(g) - 2 >= stats.RESID_DF_FLOOR:
+            assert got["p"] == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-300)
+        else:  # lion has 6 runs: 4 residual df, below the floor: the p-value is withheld
+            assert got["saturated"] is True and math.isnan(got["p"])
+    assert math.isnan(out["slopes"]["sgd"]["slope"]) and "2 distinct losses" in out["slopes"]["sgd"]["reason"]
+    assert out["runs_per_optimizer"]["sgd"] == 12
+
+
+def test_anova_gives_ss_residual_share_and_names_the_confounder():
+    from statsmodels.stats.anova import anova_lm
+
+    d = planted()[lambda t: t["optimizer"] != "lion"].reset_index(drop=True)
+    d["lr"] = d["optimizer"].map({"adam": 1e-5, "muon": 2e-2, "sgd": 1e-3})  # tied to optimiser
+    out = stats.anova(d, "aligned_mean", ["optimizer", "dataset", "lr"])
+    assert "confounded with optimizer" in out["dropped"]["lr"]
+    import statsmodels.formula.api as smf
+
+    terms = "log_train_loss + C(optimizer) + C(dataset) + C(optimizer):C(dataset) + C(optimizer):log_train_loss"
+    ref = smf.ols("aligned_mean ~ " + terms, d).fit()
+    assert out["residual"]["ss"] == pytest.approx(ref.ssr, rel=1e-9)
+    assert out["residual"]["df"] == ref.df_resid
+    # planted() has an optimiser × loss interaction: compare only the terms statsmodels takes
+    d2 = stats._cat(d, ["optimizer", "dataset"])
+    sub = stats.anova(d2.assign(log_train_loss=0.0), "aligned_mean", ["optimizer", "dataset"])
+    ref2 = anova_lm(stats._ols("aligned_mean ~ C(optimizer) * C(dataset)", d2), typ=2)
+    for term, label in (("C(optimizer)", "optimizer"), ("C(dataset)", "dataset"), ("C(optimizer):C(dataset)", "optimizer:dataset")):
+        assert sub["terms"][label]["ss"] == pytest.approx(ref2.loc[term, "sum_sq"], rel=1e-9)
+    explained = ref2.loc[["C(optimizer)", "C(dataset)", "C(optimizer):C(dataset)"], "sum_sq"]
+    sst = float(((d2["aligned_mean"] - d2["aligned_mean"].mean()) ** 2).sum())
+    model_ss = sst - ref2.loc["Residual", "sum_sq"]
+    assert sub["terms"]["optimizer"]["share_explained"] == pytest.approx(explained["C(optimizer)"] / model_ss)
+    q = sub["question_a"]
+    assert q["optimizer_share"] == pytest.approx(explained["C(optimizer)"] / model_ss)
+    assert q["interaction_share"] == pytest.approx(explained["C(optimizer):C(dataset)"] / model_ss)
+    assert q["answer"].count(".") >= 1 and "optimiser" in q["answer"]
+
+
+def test_each_eval_falls_in_exactly_one_fraction_bin():
+    rng = np.random.default_rng(4)
+    rows = []
+    for opt in OPTS:
+        for s in range(4):
+            for frac in (0.25, 0.5, 0.75, 1.0):
+                x = rng.uniform(-1, 0)
+                rows.append(
+                    {"run": f"{opt}-{s}", "optimizer": opt, "step": int(frac * 100), "frac_trained": frac,
+                     "log_train_loss": x, "aligned_mean": 10 * x + rng.normal(0, 1), "eval_failed": False}
+                )
+    along = stats.along_training(pd.DataFrame(rows), "aligned_mean", bins=4, n_boot=50)
+    assert list(along["frac"]) == [0.25, 0.5, 0.75, 1.0]
+    assert along["n_runs"].sum() == len(rows)  # every eval counted once
+    for col in ("r2_loss", "partial_r2_optimizer", "partial_r2_loss"):
+        assert (along[f"{col}_ci_low"] <= along[col] + 1e-12).all()
+        assert (along[col] <= along[f"{col}_ci_high"] + 1e-12).all()
+
+
+def _no_change(seed: int) -> pd.DataFrame:
+    """Loss and optimiser matter equally at every fraction: there is no change to find."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, opt in enumerate(OPTS):
+        for s in range(4):
+            for frac in (0.2, 1.0):
+                x = rng.uniform(-1.5, 0)
+                rows.append(
+                    {"run": f"{opt}-{s}", "optimizer": opt, "step": int(frac * 100), "frac_trained": frac,
+                     "log_train_loss": x, "aligned_mean": 4 * x + 1.0 * i + rng.normal(0, 1.5), "eval_failed": False}
+                )
+    return pd.DataFrame(rows)
+
+
+def test_along_training_verdict_is_rarely_yes_without_a_change():
+    answers = [stats.trend(_no_change(s), "aligned_mean", bins=5, n_boot=200)["answer"] for s in range(40)]
+    assert answers.count("yes") <= 2, answers
+    assert set(answers) <= {"yes", "no", "inconclusive"}
+
+
+def test_along_training_verdict_says_yes_for_a_planted_change():
+    rng = np.random.default_rng(2)
+    rows = []
+    for opt_i, opt in enumerate(OPTS):
+        for s in range(6):
+            for frac in (0.2, 1.0):
+                x = rng.uniform(-1.5, 0.0)
+                y = (1 - frac) * 20 * x + frac * 10 * opt_i + rng.normal(0, 0.3)
+                rows.append({"run": f"{opt}-{s}", "optimizer": opt, "step": int(100 * frac), "frac_trained": frac,
+                             "log_train_loss": x, "aligned_mean": y, "eval_failed": False})
+    t = stats.trend(pd.DataFrame(rows), "aligned_mean", bins=10, n_boot=300)
+    assert t["answer"] == "yes" and t["optimizer_change_ci"][0] > 0 and t["loss_change_ci"][1] < 0
+
+
+def test_rate_ratio_with_a_zero_smallest_rate_is_a_lower_bound(recwarn):
+    """No answer counts (a table without n_counted): the zero rate cannot be corrected."""
+    d = pd.DataFrame(
+        {
+            "run": list("abcde"),
+            "optimizer": ["x", "x", "y", "y", "y"],
+            "dataset": ["i", "i", "i", "i", "s"],
+            "seed": [0, 1, 0, 1, 0],
+            "misalignment_rate": [0.0, 0.0, 0.1, 0.3, 0.2],
+        }
+    )
+    out = stats.optimizer_ratio(d, SIGNALS["judge"], ["optimizer", "dataset"], n_boot=200)
+    assert out["lower_bound"] is True and out["pair"] == ["y", "x"]
+    assert out["value"] is None or math.isfinite(out["value"])
+    assert out["ci_low"] is None and out["ci_high"] is None
+    assert "0" in out["note"] and "lower bound" in out["note"]
+    assert out["fixed_cells"] == ["optimizer=y, dataset=s"]
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_rate_ratio_zero_with_counts_is_a_lower_bound_from_the_rule_of_three():
+    d = pd.DataFrame(
+        {
+            "run": list("abcd"),
+            "optimizer": ["x", "x", "y", "y"],
+            "seed": [0, 1, 0, 1],
+            "misalignment_rate": [0.0, 0.0, 0.1, 0.3],
+            "n_counted": [49, 49, 49, 49],
+        }
+    )
+    out = stats.optimizer_ratio(d, SIGNALS["judge"], ["optimizer"], n_boot=200)
+    from scipy.stats import beta
+
+    upper = beta.ppf(0.95, 1, 98)  # one-sided 95 % Clopper-Pearson upper bound of 0 of 98
+    assert out["lower_bound"] is True
+    assert out["bound"] == pytest.approx(0.2 / upper, rel=1e-9)
+    assert "at least" in out["note"]
+
+
+# ------------------------------------------------------------------------------------------------ figures
+FIVE = ("adam", "lion", "muon", "sgd", "adamw")
+
+
+def _trajectory_table() -> pd.DataFrame:
+    rng = np.random.default_rng(9)
+    rows = []
+    for i, opt in enumerate(FIVE):
+        for dataset in ("insecure", "secure"):
+            for s in range(2):
+                for step in (0, 10, 20, 30):
+                    x = math.nan if step == 0 else 1.5 - step / 30 + rng.normal(0, 0.05)  # no loss before step 1
+                    rows.append(
+                        {"run": f"{opt}-{dataset}-{s}", "optimizer": opt, "dataset": dataset, "seed": s,
+                         "step": step, "frac_trained": step / 30, "log_train_loss": x,
+                         "aligned_mean": 80 - 2 * i - step / 3 + rng.normal(0, 1),
+                         "misalignment_rate": min(1.0, 0.02 * (i + 1) + rng.uniform(0, 0.02)),
+                         "n_counted": 50, "ci_low": 0.0, "ci_high": 0.3, "eval_failed": False,
+                         "condition_number": 9.0 + rng.uniform(0, 3), "stable_rank": 1.5, "entropy": 1.0,
+                         "frob_nuclear_ratio": 0.6, "state": "done"}
+                    )
+    return pd.DataFrame(rows)
+
+
+def _words(label: str) -> bool:
+    return bool(label) and "_" not in label
+
+
+def test_trajectories_wrap_to_three_columns_and_tell_datasets_apart():
+    from em_lightning.analysis import figures
+
+    d = _trajectory_table()
+    fig = figures.draw_trajectories(d, SIGNALS["judge"], conditions=["optimizer", "dataset"])
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.has_data()]
+    assert len(panels) == 5
+    cols = {round(ax.get_position().x0, 3) for ax in panels}
+    rows = {round(ax.get_position().y0, 3) for ax in panels}
+    assert len(cols) == 3 and len(rows) == 2
+    for ax in panels:
+        assert _words(ax.get_xlabel()) or not ax.get_xlabel()
+        opt = ax.get_title()
+        lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1]
+        assert len(lines) == 4  # 2 datasets × 2 seeds
+        styles = {ln.get_label().split(",")[0]: ln.get_linestyle() for ln in lines if not ln.get_label().startswith("_")}
+        assert len({ln.get_linestyle() for ln in lines}) == 2, styles  # dataset by line style
+        legend = [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
+        legend += [t.get_text() for t in (fig.legends[0].get_texts() if fig.legends else [])]
+        assert {"insecure", "secure"} <= set(legend)
+        for ln in lines:  # starts at the first eval with a logged loss (step 10), ends at the last
+            run = d[(d["optimizer"] == opt) & (d["log_train_loss"].notna())]
+            xs = list(ln.get_xdata())
+            assert len(xs) == 3 and any(xs[0] == pytest.approx(v) for v in run[run["step"] == 10]["log_train_loss"])
+    assert any(_words(ax.get_ylabel()) for ax in panels)
+
+
+def test_condition_number_axis_has_readable_tick_labels():
+    from em_lightning.analysis import figures
+
+    fig = figures.draw_spectral(_trajectory_table(), SIGNALS["judge"])
+    ax = next(ax for ax in fig.axes if "condition" in ax.get_xlabel())
+    fig.canvas.draw()
+    lo, hi = ax.get_xlim()
+    labels = [
+        t.get_text()
+        for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True)
+        if t.get_text() and lo <= t.get_position()[0] <= hi
+    ]
+    assert len(labels) >= 2 and all("mathdefault" not in t and float(t) > 0 for t in labels), labels
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    final = stats.final_rows(_trajectory_table(), "misalignment_rate")
+    assert sorted(points[:, 0]) == pytest.approx(sorted(final["condition_number"]))
+    assert all(_words(a.get_xlabel()) for a in fig.axes if a.has_data())
+
+
+def test_rate_figure_has_a_legend_entry_for_the_mean_marker_and_the_runs():
+    from em_lightning.analysis import figures
+
+    d = _trajectory_table()
+    fig = figures.draw_rate_by_optimizer(d, SIGNALS["judge"])
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("mean" in t for t in texts), texts
+    assert [t.get_text() for t in ax.get_xticklabels()] == sorted(FIVE)
+    assert _words(ax.get_ylabel())
+    final = stats.final_rows(d, "misalignment_rate")
+    plotted = np.concatenate([ln.get_ydata() for ln in ax.get_lines() if ln.get_marker() == "o"])
+    assert sorted(plotted) == pytest.approx(sorted(final["misalignment_rate"]))
+
+
+def test_run_names_carry_their_sweep_all_or_none(tmp_path):
+    from em_lightning.analysis.table import build_table
+
+    for sweep, names in (("sweep_a", ("r0", "only_a")), ("sweep_b", ("r0",))):
+        for name in names:
+            _write_run(tmp_path / sweep, name, {0: {"loss": {s: 1.0 for s in range(8)}}}, _config("adamw", 1e-4))
+    table, _ = build_table([tmp_path / "sweep_a", tmp_path / "sweep_b"])
+    assert sorted(table["run"]) == ["sweep_a/only_a", "sweep_a/r0", "sweep_b/r0"]
+    table, _ = build_table([tmp_path / "sweep_a"])
+    assert sorted(table["run"]) == ["only_a", "r0"]

@@ -15,7 +15,7 @@ import yaml
 from em_lightning.callbacks.misalignment_eval import MisalignmentEval
 from em_lightning.errors import InputError, UnreadableFile
 from em_lightning.evaluation import GenerationConfig, JudgeConfig, SidecarConfig, wilson_interval
-from em_lightning.evaluation.runner import read_records
+from em_lightning.rundir import read_jsonl as read_records
 from tests.eval_helpers import (
     ThreadRecordingLogger,
     eval_overlay,
@@ -193,16 +193,30 @@ def test_config_errors_name_the_argument(question_file):
             MisalignmentEval(questions=str(question_file), **kwargs)
 
 
-def test_callback_and_evaluate_share_one_generation_default():
+def test_callback_and_evaluate_take_the_eval_settings_from_one_definition():
+    """The eight settings are EvalSettings' fields, in the callback's and evaluate's signatures (what
+    jsonargparse reads: the config and CLI keys) with its defaults, and reach the session as given."""
+    import dataclasses
     import inspect
 
     from em_lightning.evaluation.cli import evaluate
+    from em_lightning.evaluation.settings import EvalSettings
 
-    callback_default = inspect.signature(MisalignmentEval).parameters["generation"].default
-    assert (
-        callback_default == inspect.signature(evaluate).parameters["generation"].default == GenerationConfig()
+    names = [f.name for f in dataclasses.fields(EvalSettings)]
+    assert len(names) == 8
+    defaults = EvalSettings()
+    for target in (MisalignmentEval, evaluate):
+        params = inspect.signature(target).parameters
+        assert [n for n in params if n in names] == names
+        assert all(params[n].default == getattr(defaults, n) for n in names)
+    assert defaults.generation == GenerationConfig() and defaults.generation.samples_per_question == 4
+    callback = MisalignmentEval(questions="builtin:em_like", generation=GenerationConfig(max_tokens=7),
+                                misalign_at_k=[2])
+    assert callback.session.settings == EvalSettings(
+        questions="builtin:em_like", generation=GenerationConfig(max_tokens=7), misalign_at_k=[2]
     )
-    assert MisalignmentEval().session.generation.samples_per_question == 4
+    with pytest.raises(TypeError, match="no_such_setting"):
+        MisalignmentEval(no_such_setting=1)
 
 
 def test_question_file_is_read_in_setup_not_when_the_callback_is_built(run_cli, tmp_path):
@@ -316,10 +330,13 @@ def test_evaluate_cli_scores_a_saved_adapter_from_a_config_file(tmp_path, questi
     samples = read_records(tmp_path / "out" / "misalignment_samples.jsonl")
     assert len(samples) == 2 * 4 and {s["step"] for s in samples} == {12}
     assert loaded == {samples[0]["adapter"]} and samples[0]["adapter"].startswith("eval-")
-    written = json.loads((tmp_path / "out" / "misalignment_summary.json").read_text())
+    (written,) = read_records(tmp_path / "out" / "misalignment_summary.jsonl")  # the callback's layout
+    assert not (tmp_path / "out" / "misalignment_summary.json").exists()
     k = sum(s["answer"] == MISALIGNED for s in samples)
     assert written["rate"] == pytest.approx(k / len(samples)) == pytest.approx(summary["rate"])
     assert written["judge_number_tokens"] == "whole" and written["adapter"] == str(adapter.resolve())
+    assert written["judge"]["label"] == "default" and written["judge"]["number_tokens"] == "whole"
+    assert {s["judge"]["model"] for s in samples} == {written["judge"]["model"]} == {fake.base_name}
     assert "misalignment rate (em)" in capsys.readouterr().out
 
 

@@ -19,8 +19,9 @@ from em_lightning.evaluation import (
     sidecar_generate,
 )
 from em_lightning.evaluation.client import EndpointError, OpenAIClient
-from em_lightning.evaluation.runner import EvalFailed, read_records
+from em_lightning.evaluation.runner import EvalFailed
 from em_lightning.evaluation.sidecar import SidecarConfig, VLLMSidecar
+from em_lightning.rundir import read_jsonl as read_records
 from tests.fake_openai import FakeOpenAI, judge_answer
 
 

@@ -15,7 +15,7 @@ import pytest
 from em_lightning.errors import InputError, UnreadableFile
 from em_lightning.evaluation import SidecarConfig, VLLMSidecar
 from em_lightning.evaluation.client import EndpointError
-from em_lightning.evaluation.sidecar import adapter_rank
+from em_lightning.lora import adapter_rank
 from tests.eval_helpers import fake_managed_sidecar
 from tests.fake_openai import FakeOpenAI
 

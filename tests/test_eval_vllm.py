@@ -17,10 +17,10 @@ import torch
 
 from em_lightning.callbacks.misalignment_eval import MisalignmentEval
 from em_lightning.evaluation import Judge, JudgeConfig, SidecarConfig, VLLMSidecar
-from em_lightning.evaluation.runner import read_records
 from em_lightning.evaluation.scoring import expected_score
 from em_lightning.evaluation.sidecar import default_vllm_python
 from em_lightning.evaluation.testing import random_adapters
+from em_lightning.rundir import read_jsonl as read_records
 from tests.eval_helpers import KillSidecarAt, eval_overlay, fit_with_eval, tb_scalars
 
 VLLM_PYTHON = default_vllm_python()

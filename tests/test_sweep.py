@@ -451,9 +451,12 @@ def test_a_failing_run_is_recorded_and_listed_by_the_analysis(tmp_path, monkeypa
     state = read_state(run_dir)
     assert state["state"] == "failed" and state["returncode"] == 2
     assert state["error"].splitlines()[0] == f"exit status 2: error: {missing}: data file does not exist"
-    main(["analyze", str(run_dir), "--out", str(tmp_path / "a"), "--signal", "probe"])
-    report = (tmp_path / "a" / "report.md").read_text()
-    assert f"- `optimizer=adamw,seed=0`: state failed: exit status 2: error: {missing}" in report
+    from em_lightning.errors import InputError
+
+    # One run is no comparison: analyze refuses it, naming the run's state and error (issue 14.6)
+    with pytest.raises(InputError, match="1 run") as err:
+        main(["analyze", str(run_dir), "--out", str(tmp_path / "a"), "--signal", "probe"])
+    assert f"(optimizer=adamw,seed=0: state failed: exit status 2: error: {missing})" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ fast

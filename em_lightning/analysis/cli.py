@@ -1,12 +1,14 @@
 """``python -m em_lightning analyze``: run dirs (or a tidy table) → table.csv, figures, report.md,
 summary.json.
 
-    python -m em_lightning analyze runs/sweeps/tiny --out runs/analysis/tiny --signal probe
+    python -m em_lightning analyze runs/sweeps/tiny --out runs/analysis/tiny
     python -m em_lightning analyze runs/sweeps/paper_main/* --out analysis/main --json
     python -m em_lightning analyze --table analysis/main/table.csv --out analysis/main-again
 
-``--signal judge`` (default) analyses the misalignment eval's ``aligned_mean`` and ``misalignment_rate``;
-``--signal probe`` the in-process probe's ``probe_log_odds`` and ``probe_misaligned_prob``. ``--json`` prints
+``--signal auto`` (default) analyses the judge where the runs have a judge eval, else the probe, and the
+report's first line says which; ``--signal judge`` the misalignment eval's ``aligned_mean`` and
+``misalignment_rate``; ``--signal probe`` the in-process probe's ``probe_log_odds`` and
+``probe_misaligned_prob`` (a signal no run has is an error naming the ones they have). ``--json`` prints
 the headline numbers (``n_runs, n_rows, r2_loss, r2_loss_optimizer, partial_r2_optimizer, anova,
 optimizer_rate_ratio``, ...) to stdout; they are always in ``OUT/summary.json``.
 """
@@ -30,7 +32,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="*", help="run dirs, or folders of them (a sweep's folder)")
     p.add_argument("--out", required=True, help="where table.csv, report.md, summary.json and figures/ go")
     p.add_argument("--table", help="start from this tidy table (CSV) instead of run dirs")
-    p.add_argument("--signal", choices=("judge", "probe"), default="judge", help="the alignment signal")
+    p.add_argument(
+        "--signal",
+        choices=("auto", "judge", "probe"),
+        default="auto",
+        help="the alignment signal (auto: the judge where the runs have one, else the probe)",
+    )
     p.add_argument("--json", action="store_true", help="print the headline numbers as JSON")
     p.add_argument("--loss-window", type=int, default=10, help="train_loss: mean over this many last steps")
     p.add_argument("--bins", type=int, default=10, help="fractions of training for the along-training fits")
@@ -49,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
             "pip install 'em-lightning[analysis]'"
         )
     from em_lightning.analysis.report import analyze
-    from em_lightning.analysis.stats import SIGNALS
-    from em_lightning.analysis.table import build_table, read_table
+    from em_lightning.analysis.stats import choose_signal
+    from em_lightning.analysis.table import build_table, read_table, require_runs
 
     if bool(args.table) == bool(args.run_dirs):
         raise AnalysisError("analyze: give run dirs or --table FILE (one of them)")
@@ -63,22 +70,26 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         table, runs = build_table(args.run_dirs, loss_window=args.loss_window)
         errors = {r.name: r.state.get("error") or "" for r in runs}
+    require_runs(table, args.table or ", ".join(args.run_dirs), errors)
+    signal, choice = choose_signal(table, args.signal)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)
     summary = analyze(
         table,
-        SIGNALS[args.signal],
+        signal,
         out,
         bins=args.bins,
         n_boot=args.bootstrap,
         loss_window=args.loss_window,
         errors=errors,
+        signal_choice=choice,
     )
     if args.json:
         keys = (
             "n_runs",
             "n_rows",
             "signal",
+            "signal_choice",
             "response",
             "r2_loss",
             "r2_loss_optimizer",
@@ -86,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
             "r2_interaction",
             "anova",
             "anova_dropped",
+            "question_a",
             "optimizer_rate_ratio",
             "excluded_runs",
         )

@@ -1,4 +1,7 @@
-"""All of the analysis on a tidy table: the numbers (``summary.json``), the figures and ``report.md``."""
+"""All of the analysis on a tidy table: the numbers (``summary.json``), the figures and ``report.md``.
+
+``report.md`` is assembled from one function per section (``_section_*``), each taking the summary and
+returning its lines."""
 
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ import pandas as pd
 
 from em_lightning.analysis import figures
 from em_lightning.analysis.stats import (
+    RESID_DF_FLOOR,
     Signal,
     along_training,
     anova,
+    as_levels,
     factors_of,
     final_rows,
     loss_models,
@@ -21,7 +26,7 @@ from em_lightning.analysis.stats import (
     seed_spread,
     trend,
 )
-from em_lightning.analysis.table import DESIGN, extra_factors
+from em_lightning.analysis.table import DESIGN, extra_factors, require_runs
 
 UNFINISHED = ("failed", "interrupted", "pending", "submitted", "running", "requeued")
 
@@ -34,52 +39,58 @@ def analyze(
     n_boot: int = 2000,
     loss_window: int | None = None,
     errors: dict[str, str] | None = None,
+    signal_choice: str | None = None,
 ) -> dict:
     """Run every analysis, write ``report.md``, ``summary.json`` and ``figures/``; return the summary."""
+    require_runs(table, "analyze")
     out.mkdir(parents=True, exist_ok=True)
     excluded = _excluded(table, signal, errors or {})
     used = table[~table["run"].isin([r for r, why in excluded.items() if why.startswith("state")])]
     factors = factors_of(used, ["optimizer", *DESIGN[1:], *extra_factors(used)])
     conditions = [f for f in factors if f not in ("seed", "data_seed")]
+    used = as_levels(used, factors)  # a missing factor value is the level NA from here on
     responses = (signal.score, signal.rate)
     models = {r: loss_models(final_rows(used, r), r) for r in responses}
     anovas = {r: anova(final_rows(used, r), r, factors) for r in responses}
-    along = {r: along_training(used, r, bins) for r in responses}
+    along = {r: along_training(used, r, bins, n_boot=min(n_boot, 1000)) for r in responses}
+    trends = {r: trend(used, r, bins, n_boot=min(n_boot, 1000)) for r in responses}
     final_rate = final_rows(used, signal.rate)
-    seeds = seed_spread(
-        final_rate.assign(**{c: final_rate[c].astype(str) for c in conditions}), signal.rate, conditions
-    )
+    seeds = seed_spread(final_rate, signal.rate, conditions)
     ratio = optimizer_ratio(final_rate, signal, conditions, n_boot=n_boot)
-    figs, skipped = _figures(used, signal, conditions, along[signal.score], out / "figures")
+    figs, skipped = figures.draw_all(used, signal, conditions, along[signal.score], out / "figures")
     head = models[signal.score]
     summary = {
         "signal": signal.name,
+        "signal_choice": signal_choice or f"--signal {signal.name}",
         "response": signal.score,
         "rate": signal.rate,
         "n_runs": int(table["run"].nunique()),
         "n_rows": len(table),
         "n_runs_analysed": head["n_runs"],
+        "runs_per_optimizer": head["runs_per_optimizer"],
         "r2_loss": head["r2_loss"],
         "r2_loss_optimizer": head["r2_loss_optimizer"],
         "partial_r2_optimizer": head["partial_r2_optimizer"],
         "r2_interaction": head["r2_interaction"],
         "interaction_p": head["interaction_p"],
+        "df_resid": head["df_resid"],
+        "saturated": head["saturated"],
         "anova": anovas[signal.score]["terms"],
         "anova_dropped": anovas[signal.score]["dropped"],
+        "question_a": anovas[signal.score]["question_a"],
         "optimizer_rate_ratio": ratio,
         "responses": {r: {**models[r], "anova": anovas[r]} for r in responses},
-        "along_training": {
-            r: {"table": along[r].to_dict("records"), "trend": trend(along[r])} for r in responses
-        },
+        "along_training": {r: {"table": along[r].to_dict("records"), "trend": trends[r]} for r in responses},
         "factors": factors,
         "excluded_runs": excluded,
         "figures": figs,
         "figures_skipped": skipped,
         "loss_window": loss_window,
+        "resid_df_floor": RESID_DF_FLOOR,
     }
     summary = _clean(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(_markdown(table, summary, seeds, along, signal), encoding="utf-8")
+    (out / "report.md").write_text(markdown(used, summary, seeds, along, signal), encoding="utf-8")
     return summary
 
 
@@ -93,7 +104,7 @@ def _excluded(table: pd.DataFrame, signal: Signal, errors: dict[str, str]) -> di
             out[run] = f"state {state}" + (f": {error.splitlines()[0]}" if error else "")
             continue
         has = g[[signal.score, signal.rate]].notna().any(axis=1) & g["log_train_loss"].notna()
-        failed = int(g["eval_failed"].fillna(False).astype(bool).sum()) if "eval_failed" in g else 0
+        failed = int(g["eval_failed"].map(lambda v: bool(v) if not pd.isna(v) else False).sum())
         if not has.any():
             out[run] = f"no {signal.name} eval with a value" + (
                 f" ({failed} failed eval(s))" if failed else ""
@@ -103,95 +114,114 @@ def _excluded(table: pd.DataFrame, signal: Signal, errors: dict[str, str]) -> di
     return out
 
 
-def _figures(table, signal, conditions, along, out: Path):
-    drawn, skipped = {}, {}
-    jobs = {
-        "loss_alignment": lambda: figures.loss_alignment(table, signal, out),
-        "trajectories": lambda: figures.trajectories(table, signal, out),
-        "rate_by_optimizer": lambda: figures.rate_by_optimizer(table, signal, out),
-        "spectral_vs_misalignment": lambda: figures.spectral_vs_misalignment(table, signal, out),
-        "seed_spread": lambda: figures.seed_spread_figure(table, signal, conditions, out),
-        "along_training": lambda: figures.along_training_figure(along, signal.score, out),
-    }
-    for name, draw in jobs.items():
-        try:
-            drawn[name] = draw()
-        except figures.Skip as why:
-            skipped[name] = str(why)
-    return drawn, skipped
-
-
 # ------------------------------------------------------------------------------------------------ markdown
-def _markdown(table: pd.DataFrame, s: dict, seeds: pd.DataFrame, along: dict, signal: Signal) -> str:
-    lines = [
-        f"# Sweep analysis ({s['signal']} signal)",
+def markdown(table: pd.DataFrame, s: dict, seeds: pd.DataFrame, along: dict, signal: Signal) -> str:
+    sections = (
+        _section_head(s),
+        _section_runs(table, s, signal),
+        _section_loss(s),
+        _section_anova(s),
+        _section_along(s, along),
+        _section_seeds(s, seeds, signal),
+        _section_figures(s),
+    )
+    return "\n".join(line for section in sections for line in section).rstrip() + "\n"
+
+
+def _section_head(s: dict) -> list[str]:
+    return [
+        f"# Sweep analysis — {s['signal']} signal ({s['signal_choice']})",
         "",
         (
             f"{s['n_runs']} runs, {s['n_rows']} rows (run × eval step) in `table.csv`; "
             f"{s['n_runs_analysed']} runs in the final-eval statistics of `{s['response']}`. Design factors "
             f"that vary: {', '.join(s['factors']) or 'none'}. `train_loss` is the mean of `train/loss` over "
-            f"the last {s['loss_window'] or 10} optimizer steps up to the eval's step."
+            f"the last {s['loss_window'] or 10} optimizer steps up to the eval's step. Models with fewer than "
+            f"{s['resid_df_floor']} residual degrees of freedom are flagged **saturated**: their p-values are "
+            "withheld, the R²s are descriptive only."
         ),
         "",
     ]
-    lines += ["## Runs", ""]
+
+
+def _section_runs(table: pd.DataFrame, s: dict, signal: Signal) -> list[str]:
+    lines = ["## Runs", ""]
     final = table.sort_values("step").groupby("run").tail(1).sort_values("run")
-    cols = [
-        c
-        for c in (
-            "run",
-            "optimizer",
-            "model",
-            "dataset",
-            "batch_size",
-            "lr",
-            "seed",
-            "state",
-            "step",
-            "train_loss",
-            signal.score,
-            signal.rate,
-        )
-        if c in final
-    ]
+    wanted = ("run", "optimizer", "model", "dataset", "batch_size", "lr", "seed", "state", "step", "train_loss",
+              signal.score, signal.rate)
+    cols = [c for c in wanted if c in final]
     lines += _table(final[cols].to_dict("records"), cols) + [""]
     if s["excluded_runs"]:
         lines += ["**Not in the statistics (or with failed evals):**", ""]
         lines += [f"- `{run}`: {why}" for run, why in s["excluded_runs"].items()] + [""]
-    lines += [
+    return lines
+
+
+def _section_loss(s: dict) -> list[str]:
+    lines = [
         "## Does final training loss predict alignment?",
         "",
         (
             "OLS at each run's final eval. Partial R² of optimiser = (SSE_loss − SSE_loss+opt) / SSE_loss; "
-            "the interaction model fits one slope per optimiser (F test against the additive model)."
+            "the interaction model fits one slope per optimiser (F test against the additive model). "
+            "`df` columns: residual degrees of freedom of the loss, loss + optimiser, optimiser and interaction "
+            "models."
         ),
         "",
     ]
-    keys = [
-        "n_runs",
-        "r2_loss",
-        "r2_loss_optimizer",
-        "partial_r2_optimizer",
-        "r2_optimizer",
-        "partial_r2_loss",
-        "r2_interaction",
-        "interaction_F",
-        "interaction_p",
-    ]
-    rows = [{"response": r, **{k: m.get(k) for k in keys}} for r, m in s["responses"].items()]
-    lines += _table(rows, ["response", *keys]) + [""]
+    keys = ["n_runs", "r2_loss", "r2_loss_optimizer", "partial_r2_optimizer", "r2_optimizer", "partial_r2_loss",
+            "r2_interaction", "interaction_F", "interaction_p"]
+    df_keys = ("loss", "loss_optimizer", "optimizer", "interaction")
+    rows = []
     for r, m in s["responses"].items():
-        if m.get("slopes"):
-            slopes = ", ".join(f"{o}: {_fmt(v['slope'])} ± {_fmt(v['se'])}" for o, v in m["slopes"].items())
-            lines += [f"Per-optimiser slopes of `{r}` on log loss (± SE): {slopes}.", ""]
-        if m.get("note"):
-            lines += [f"`{r}`: {m['note']}.", ""]
-    lines += [
+        row = {"response": r, **{k: m.get(k) for k in keys}}
+        row.update({f"df {k}": (m.get("df_resid") or {}).get(k) for k in df_keys})
+        if (m.get("saturated") or {}).get("interaction"):
+            row["interaction_p"] = "saturated"
+        rows.append(row)
+    lines += _table(rows, ["response", *keys, *[f"df {k}" for k in df_keys]]) + [""]
+    for r, m in s["responses"].items():
+        lines += _model_notes(r, m)
+    return lines
+
+
+def _model_notes(r: str, m: dict) -> list[str]:
+    lines = []
+    flagged = [k for k, v in (m.get("saturated") or {}).items() if v]
+    if flagged:
+        dfs = ", ".join(f"{k}: {m['df_resid'][k]:g} residual df" for k in flagged)
+        lines += [
+            f"`{r}`: **saturated** ({dfs}; fewer than {m['resid_df_floor']} residual df): no p-value of these "
+            "models is a finding.",
+            "",
+        ]
+    if m.get("runs_per_optimizer"):
+        counts = ", ".join(f"{o}: {n}" for o, n in m["runs_per_optimizer"].items())
+        lines += [f"Runs per optimiser (`{r}`): {counts}.", ""]
+    if m.get("slopes"):
+        parts = []
+        for o, v in m["slopes"].items():
+            if v.get("reason"):
+                parts.append(f"{o}: – ({v['reason']})")
+            else:
+                p = "saturated" if v.get("saturated") else f"p {_fmt(v['p'])}"
+                parts.append(f"{o}: {_fmt(v['slope'])} ± {_fmt(v['se'])} (n {v['n_runs']}, {p})")
+        lines += [f"Per-optimiser slopes of `{r}` on log loss, each optimiser's own OLS (± SE): {'; '.join(parts)}.", ""]
+    for key, note in {"": m.get("note"), **(m.get("notes") or {})}.items():
+        if note:
+            lines += [f"`{r}`: {note}.", ""]
+    return lines
+
+
+def _section_anova(s: dict) -> list[str]:
+    lines = [
         "## ANOVA (type II)",
         "",
         (
             "Terms: log loss (covariate), the varying factors and their interactions with optimiser; a term "
-            "is kept only if every cell of its factors holds ≥ 2 runs and the design matrix keeps full rank."
+            "is kept only if every cell of its factors holds ≥ 2 runs and the design matrix keeps full rank. "
+            "`share` is the term's type-II sum of squares over the model's explained sum of squares (in an "
+            "unbalanced design the shares need not add up to 1)."
         ),
         "",
     ]
@@ -199,41 +229,86 @@ def _markdown(table: pd.DataFrame, s: dict, seeds: pd.DataFrame, along: dict, si
         a = m["anova"]
         lines += [f"**{r}** ({a.get('formula') or a.get('note')}):", ""]
         rows = [{"term": t, **v} for t, v in a["terms"].items()]
-        lines += [*_table(rows, ["term", "df", "F", "p", "partial_eta2"]), ""] if rows else []
-        lines += [f"- dropped `{t}`: {why}" for t, why in a["dropped"].items()] + [""]
-    lines += [
+        if a.get("residual"):
+            rows.append({"term": "Residual", "df": a["residual"]["df"], "ss": a["residual"]["ss"]})
+        if a.get("saturated"):
+            for row in rows[:-1]:
+                row["p"] = "saturated"
+        if rows:
+            lines += [*_table(rows, ["term", "df", "ss", "F", "p", "partial_eta2", "share_explained"]), ""]
+        lines += [f"- dropped `{t}`: {why}" for t, why in a["dropped"].items()]
+        if a.get("question_a"):
+            lines += ["", f"Question (a), optimiser against its interactions: {a['question_a']['answer']}"]
+        lines += [""]
+    return lines
+
+
+def _section_along(s: dict, along: dict) -> list[str]:
+    lines = [
         "## Along training",
         "",
-        "Rows aligned by `frac_trained` (each run's eval nearest each fraction).",
+        (
+            "Each run's evals in fraction-of-training bins ((j−1)/bins, j/bins], labelled by the upper edge; a "
+            "run's last eval in a bin counts, once. Intervals: 95 % bootstrap over runs. The verdict on \"does "
+            "optimiser's partial R² grow while loss's shrinks\" compares the first and last bin with both: yes "
+            "when both changes' intervals exclude 0 the predicted way, no when either excludes it the other way, "
+            "else inconclusive."
+        ),
         "",
     ]
     for r, a in along.items():
         t = s["along_training"][r]["trend"]
-        verdict = ("yes" if t.get("answer") else "no") if t.get("answer") is not None else t.get("note")
+        if t.get("answer") is None:
+            verdict = t.get("note")
+        else:
+            verdict = (
+                f"**{t['answer']}** (bins {_fmt(t['from_frac'])} → {_fmt(t['to_frac'])}: optimiser's partial R² "
+                f"changes by {_fmt(t['optimizer_change'])} [{_fmt(t['optimizer_change_ci'][0])}, "
+                f"{_fmt(t['optimizer_change_ci'][1])}], loss's by {_fmt(t['loss_change'])} "
+                f"[{_fmt(t['loss_change_ci'][0])}, {_fmt(t['loss_change_ci'][1])}])"
+            )
         lines += [f"**{r}** — does the partial R² of optimiser grow while loss's shrinks? {verdict}", ""]
-        lines += _table(a.to_dict("records"), list(a.columns)) + [""]
-    ratio = s["optimizer_rate_ratio"]
-    lines += [
-        "## Seeds",
-        "",
-        f"Final `{signal.rate}` per condition: mean, between-seed SD, 95 % t interval.",
-        "",
-    ]
+        shown = ["frac", "n_runs", "r2_loss", "partial_r2_optimizer", "partial_r2_loss"]
+        rows = [
+            {**{k: row[k] for k in ("frac", "n_runs")},
+             **{k: f"{_fmt(row[k])} [{_fmt(row[f'{k}_ci_low'])}, {_fmt(row[f'{k}_ci_high'])}]" for k in shown[2:]}}
+            for row in a.to_dict("records")
+        ]
+        lines += _table(rows, shown) + [""]
+    return lines
+
+
+def _section_seeds(s: dict, seeds: pd.DataFrame, signal: Signal) -> list[str]:
+    lines = ["## Seeds", "", f"Final `{signal.rate}` per condition: mean, between-seed SD, 95 % t interval.", ""]
     lines += _table(seeds.to_dict("records"), list(seeds.columns)) + [""]
+    ratio = s["optimizer_rate_ratio"]
     pair = " / ".join(ratio["pair"]) if ratio.get("pair") else "n/a"
+    if ratio.get("value") is None and ratio.get("lower_bound"):
+        value = "no finite value"
+    else:
+        value = ("≥ " if ratio.get("lower_bound") else "") + f"**{_fmt(ratio['value'])}**"
+    if ratio.get("ci_low") is None and ratio.get("ci_high") is None:
+        interval = "no bootstrap interval"
+    else:
+        hi = _fmt(ratio["ci_high"]) if ratio.get("ci_high") is not None else "unbounded"
+        interval = (
+            f"95 % bootstrap interval [{_fmt(ratio['ci_low'])}, {hi}] ({ratio['n_boot']} resamples of the seeds "
+            "within each condition; the pair is fixed on the full data)"
+        )
     lines += [
-        f"Optimiser rate ratio (max / min, {pair}): **{_fmt(ratio['value'])}**, 95 % bootstrap interval "
-        f"[{_fmt(ratio['ci_low'])}, {_fmt(ratio['ci_high'])}] ({ratio['n_boot']} resamples of the seeds "
-        f"within each condition; the pair is fixed on the full data). Continuity correction: "
-        f"{ratio['correction']}."
-        + (f" {ratio['note']}." if ratio.get("note") else ""),
+        f"Optimiser rate ratio (max / min, {pair}): {value}, {interval}. Continuity correction: "
+        f"{ratio['correction']}." + (f" Note: {ratio['note']}." if ratio.get("note") else ""),
         "",
     ]
-    lines += ["## Figures", ""]
+    return lines
+
+
+def _section_figures(s: dict) -> list[str]:
+    lines = ["## Figures", ""]
     for name, caption in s["figures"].items():
         lines += [f"![{name}](figures/{name}.png)", "", f"*{caption}* ([PDF](figures/{name}.pdf))", ""]
     lines += [f"- not drawn: `{n}`: {why}" for n, why in s["figures_skipped"].items()]
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 def _table(rows: list[dict], cols: list[str]) -> list[str]:

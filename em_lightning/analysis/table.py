@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
+from em_lightning import rundir
 from em_lightning.errors import InputError
+from em_lightning.rundir import is_run_dir  # noqa: F401  (sweep status reads run dirs through this module)
 
 SPECTRAL = ("frob_nuclear_ratio", "entropy", "stable_rank", "condition_number")
 JUDGE = ("misalignment_rate", "ci_low", "ci_high", "aligned_mean", "coherent_mean", "n_counted")
@@ -61,8 +63,29 @@ COLUMNS = (
     "state",
     "run_dir",
 )
+# Columns that must hold numbers (or nothing), and those of them that are probabilities.
+NUMERIC = (
+    "batch_size",
+    "lr",
+    "seed",
+    "data_seed",
+    "step",
+    "frac_trained",
+    "tokens_seen",
+    "train_loss",
+    "log_train_loss",
+    "val_loss",
+    *JUDGE,
+    *PROBE,
+    "spectra_step",
+    *SPECTRAL,
+)
+RATES = ("misalignment_rate", "ci_low", "ci_high", "probe_misaligned_prob")
+# The keys of each JSONL record the table reads, and whether each is a probability.
+_JUDGE_KEYS = {"rate": True, "ci_low": True, "ci_high": True, "aligned_mean": False, "coherent_mean": False,
+               "n_counted": False}
+_PROBE_KEYS = {"log_odds": False, "misaligned_prob": True}
 TAGS = ("train/loss", "train/supervised_tokens", "val/loss", "data/train/rows")
-_VERSION = re.compile(r"version_(\d+)")
 
 
 class AnalysisError(InputError):
@@ -87,17 +110,6 @@ class RunData:
 
 
 # ---------------------------------------------------------------------------------------------- finding runs
-def versions_of(d: Path) -> list[Path]:
-    found = [p for p in d.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name)]
-    if found:
-        return sorted(found, key=lambda p: int(_VERSION.fullmatch(p.name).group(1)))
-    return [d] if any(d.glob("events.out.tfevents.*")) else []
-
-
-def is_run_dir(d: Path) -> bool:
-    return d.is_dir() and ((d / "run.json").exists() or (d / "config.yaml").exists() or bool(versions_of(d)))
-
-
 def expand_run_dirs(paths: list[str | Path]) -> list[Path]:
     """Each path as a run dir, or the run dirs directly inside it (a sweep's folder)."""
     out: list[Path] = []
@@ -105,10 +117,10 @@ def expand_run_dirs(paths: list[str | Path]) -> list[Path]:
         path = Path(raw)
         if not path.is_dir():
             raise AnalysisError(f"{path}: not a directory (give run dirs, or a sweep's folder)")
-        if is_run_dir(path):
+        if rundir.is_run_dir(path):
             out.append(path)
             continue
-        inner = sorted(p for p in path.iterdir() if not p.name.startswith(".") and is_run_dir(p))
+        inner = sorted(p for p in path.iterdir() if not p.name.startswith(".") and rundir.is_run_dir(p))
         if not inner:
             raise AnalysisError(
                 f"{path}: not a run dir (no config.yaml, run.json, version_N/ or event files) and holds none"
@@ -117,27 +129,37 @@ def expand_run_dirs(paths: list[str | Path]) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in out))
 
 
+def run_names(dirs: list[Path]) -> list[str]:
+    """Names for the report's tables: the dir names when they are unique, else every run with as many of its
+    parent dirs (its sweep) as make all names unique — all or none, so one table never mixes the two forms."""
+    for depth in range(1, max((len(d.parts) for d in dirs), default=1) + 1):
+        names = ["/".join(d.parts[-depth:]) for d in dirs]
+        if len(set(names)) == len(names):
+            return names
+    return [str(d) for d in dirs]
+
+
 def load_run(d: Path, name: str) -> RunData:
-    versions = versions_of(d)
-    config_path = (
-        d / "config.yaml"
-        if (d / "config.yaml").exists()
-        else (next((v / "config.yaml" for v in reversed(versions) if (v / "config.yaml").exists()), None))
-    )
+    versions = rundir.version_dirs(d)
+    config_path = rundir.config_path(d)
     if config_path is None:
-        raise AnalysisError(f"{d}: no config.yaml (in the dir or a version_N/ of it)")
+        raise AnalysisError(f"{d}: no {rundir.CONFIG} (in the dir or a version_N/ of it)")
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise AnalysisError(f"{config_path}: cannot read the run's config ({err})") from None
-    state_path = d / "run.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state_path = d / rundir.STATE
+    try:
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    except (OSError, ValueError) as err:
+        raise AnalysisError(f"{state_path}: cannot read the run's state ({err})") from None
     if not state and versions:
-        state = {"state": "done" if (versions[-1] / "adapters" / "final").is_dir() else "unknown"}
+        state = {"state": rundir.DONE if rundir.has_final_adapter(d) else rundir.UNKNOWN}
+    names = rundir.file_names(config)  # a callback's file renamed in the config is still found
     run = RunData(d, name, config, state, versions, _scalars(versions))
-    run.judge = _jsonl_by_step(versions, "misalignment_summary.jsonl")
-    run.probe = _jsonl_by_step(versions, "probe.jsonl")
-    run.spectra = {s: _spectral_means(line) for s, line in _jsonl_by_step(versions, "spectra.jsonl").items()}
+    run.judge = _checked_records(versions, names["summary"], _JUDGE_KEYS)
+    run.probe = _checked_records(versions, names["probe"], _PROBE_KEYS)
+    run.spectra = {s: _spectral_means(line) for s, line in _records(versions, names["spectra"]).items()}
     return run
 
 
@@ -162,27 +184,38 @@ def _scalars(versions: list[Path]) -> pd.DataFrame:
     return merged.drop_duplicates(["tag", "step"], keep="last").drop(columns="version").reset_index(drop=True)
 
 
-def _jsonl_by_step(versions: list[Path], name: str) -> dict[int, dict]:
+def _records(versions: list[Path], name: str) -> dict[int, dict]:
+    """``name``'s lines by step over the versions (later ones win), each with its file in ``_file``."""
     out: dict[int, dict] = {}
-    for v in versions:  # later versions (and later lines) win
-        path = v / name
-        if not path.exists():
-            continue
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                out[int(record["step"])] = record
-            except (ValueError, KeyError, TypeError):
-                if lineno < len(lines):  # only the last line may be torn (a writer killed mid-line)
-                    raise AnalysisError(f"{path}:{lineno}: not a JSON object with a step") from None
+    for v in versions:
+        for step, record in rundir.records_by_step([v], name).items():
+            out[step] = {**record, "_file": str(Path(v) / name)}
     return out
 
 
+def _checked_records(versions: list[Path], name: str, keys: dict[str, bool]) -> dict[int, dict]:
+    """:func:`_records` with each key the table reads checked: a number, finite, a probability where it is one
+    (a failed eval's line carries no values and is kept as it is)."""
+    records = _records(versions, name)
+    for step, record in records.items():
+        for key, is_rate in keys.items():
+            value = record.get(key)
+            if value is None:
+                continue
+            where = f"{record['_file']}: step {step}: `{key}` = {value!r}"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise AnalysisError(f"{where} is not a number")
+            if not math.isfinite(value):
+                raise AnalysisError(f"{where} is not finite")
+            if is_rate and not 0.0 <= value <= 1.0:
+                raise AnalysisError(f"{where} is outside [0, 1]")
+    return records
+
+
 def _spectral_means(line: dict) -> dict[str, float]:
-    """Means over modules of the spectral metrics of one spectra.jsonl line."""
+    """Means over modules of the spectral metrics of one spectra.jsonl line, over the modules where a metric is
+    defined (an all-zero spectrum has no entropy or condition number: NaN, or 0 from older code, is left out
+    as undefined rather than averaged in)."""
     import torch
 
     from em_lightning.spectra import spectral_metrics
@@ -190,13 +223,19 @@ def _spectral_means(line: dict) -> dict[str, float]:
     by_rank: dict[int, list[list[float]]] = {}
     for sigmas in (line.get("modules") or {}).values():
         by_rank.setdefault(len(sigmas), []).append(sigmas)
-    sums, n = dict.fromkeys(SPECTRAL, 0.0), 0
+    values: dict[str, list[np.ndarray]] = {k: [] for k in SPECTRAL}
     for group in by_rank.values():
-        metrics = spectral_metrics(torch.tensor(group, dtype=torch.float64))
+        sigma = torch.tensor(group, dtype=torch.float64)
+        metrics = spectral_metrics(sigma)
+        zero = (sigma.abs().amax(-1) == 0).numpy()
         for key in SPECTRAL:
-            sums[key] += float(metrics[key].sum())
-        n += len(group)
-    return {k: v / n if n else math.nan for k, v in sums.items()}
+            v = metrics[key].numpy().astype(float)
+            values[key].append(np.where(zero, np.nan, v))
+    out = {}
+    for key, parts in values.items():
+        v = np.concatenate(parts) if parts else np.array([])
+        out[key] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -269,7 +308,7 @@ def run_rows(run: RunData, loss_window: int = 10) -> list[dict]:
             nearest = min(run.spectra, key=lambda s: (abs(s - step), s))
             row["spectra_step"] = nearest
             row.update(run.spectra[nearest])
-        row["state"], row["run_dir"] = run.state.get("state", "unknown"), str(run.dir)
+        row["state"], row["run_dir"] = run.state.get("state", rundir.UNKNOWN), str(run.dir)
         rows.append(row)
     return rows
 
@@ -291,11 +330,7 @@ def total_steps(run: RunData, rows_per_step: float, loss: pd.Series) -> float:
 
 def build_table(paths: list[str | Path], loss_window: int = 10) -> tuple[pd.DataFrame, list[RunData]]:
     dirs = expand_run_dirs(paths)
-    names = [d.name for d in dirs]
-    runs = []
-    for d in dirs:  # a name shared by two dirs (version_0 of two log dirs) takes its parent's
-        name = d.name if names.count(d.name) == 1 else f"{d.parent.name}/{d.name}"
-        runs.append(load_run(d, name))
+    runs = [load_run(d, name) for d, name in zip(dirs, run_names(dirs))]
     rows = [row for run in runs for row in run_rows(run, loss_window)]
     table = pd.DataFrame(rows)
     for col in COLUMNS:
@@ -306,18 +341,68 @@ def build_table(paths: list[str | Path], loss_window: int = 10) -> tuple[pd.Data
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
+    """A tidy table written by ``analyze`` (or by hand): numeric columns checked cell by cell (a bad cell is an
+    error naming its column and CSV line), pandas' ``Unnamed: N`` index columns left out."""
     path = Path(path)
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(path, dtype=str, keep_default_na=True)
     except (OSError, ValueError) as err:
         raise AnalysisError(f"{path}: cannot read the table ({err})") from None
+    table = table[[c for c in table.columns if not str(c).startswith("Unnamed: ")]]
     missing = [c for c in ("run", "optimizer", "step", "log_train_loss") if c not in table]
     if missing:
         raise AnalysisError(f"{path}: not a tidy table of this analysis (no column {', '.join(missing)})")
     for col in COLUMNS:
         if col not in table:
             table[col] = math.nan
+    for col in NUMERIC:
+        table[col] = _numeric_column(table[col], col, path)
+    for col in extra_factors(table):  # a sweep axis: numbers where every value reads as one (lora rank 8, 16)
+        as_number = pd.to_numeric(table[col], errors="coerce")
+        if as_number.notna().sum() == table[col].notna().sum():
+            table[col] = as_number
+    if "eval_failed" in table:
+        table["eval_failed"] = table["eval_failed"].map(_flag)
     return table
+
+
+def require_runs(table: pd.DataFrame, source: str, errors: dict[str, str] | None = None) -> None:
+    """The analysis compares runs: an empty table or a single run is an error, not a blank report (the one
+    run's state, and its error where it failed, are in the message)."""
+    if not len(table):
+        raise AnalysisError(f"{source}: no rows (no run with an eval or a logged loss)")
+    runs = table["run"].dropna().unique()
+    if len(runs) < 2:
+        why = ""
+        if len(runs) and "state" in table:
+            state = table.loc[table["run"] == runs[0], "state"].iloc[0]
+            error = ((errors or {}).get(runs[0]) or "").splitlines()
+            why = f" ({runs[0]}: state {state}" + (f": {error[0]}" if error else "") + ")"
+        raise AnalysisError(f"{source}: {len(runs)} run{why}; the analysis compares runs and needs at least 2")
+
+
+def _numeric_column(values: pd.Series, col: str, path: Path) -> pd.Series:
+    numbers = pd.to_numeric(values, errors="coerce")
+    for i in values.index:  # the first bad cell, by its line in the file (the header is line 1)
+        raw, number = values[i], numbers[i]
+        where = f"{path}: column `{col}`, line {int(i) + 2}: {raw!r}"
+        if pd.isna(number):
+            if not pd.isna(raw) and str(raw).strip() != "":
+                raise AnalysisError(f"{where} is not a number")
+        elif not math.isfinite(number):
+            raise AnalysisError(f"{where} is not finite")
+        elif col in RATES and not 0.0 <= number <= 1.0:
+            raise AnalysisError(f"{where} is outside [0, 1]")
+        elif col == "step" and number != int(number):
+            raise AnalysisError(f"{where} is not a whole number of steps")
+    return numbers.astype(float)
+
+
+def _flag(value) -> object:
+    if pd.isna(value):
+        return math.nan
+    text = str(value).strip().lower()
+    return {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}.get(text, math.nan)
 
 
 def extra_factors(table: pd.DataFrame) -> list[str]:
@@ -337,7 +422,5 @@ def _dataset_name(train_file: str) -> str:
 
 
 def _num(value) -> float:
-    try:
-        return float(value) if value is not None else math.nan
-    except (TypeError, ValueError):
-        return math.nan
+    """A checked record's value (see :func:`_checked_records`) as a float; absent: NaN."""
+    return float(value) if value is not None else math.nan

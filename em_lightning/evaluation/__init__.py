@@ -8,10 +8,13 @@ Entry points:
   * :class:`Judge` / :class:`JudgeConfig` — any OpenAI-compatible endpoint, whole-number or digit tokenizers;
   * :class:`VLLMSidecar` / :class:`SidecarConfig` — a vLLM server that hot-loads adapters;
   * :func:`run_eval` / :class:`GenerationConfig` — generate, judge, summarise, append samples to JSONL
-    (:func:`read_records` reads them back); :class:`EvalFailed` when an endpoint breaks;
+    (:func:`em_lightning.rundir.read_jsonl` reads them back); :class:`EvalFailed` when an endpoint breaks;
+  * :class:`EvalSettings` — the eval's settings, one definition for the callback, ``evaluate`` and the session;
   * :class:`EvalSession` — the questions, sidecar, judge and cancel event of the training callback and of
     ``evaluate`` alike;
-  * ``python -m em_lightning evaluate`` — :func:`em_lightning.evaluation.cli.main`.
+  * ``python -m em_lightning evaluate`` — :func:`em_lightning.evaluation.cli.main`;
+  * ``python -m em_lightning rejudge`` — :func:`em_lightning.evaluation.rejudge.main`: saved answers scored
+    again by another judge.
 """
 
 from em_lightning.evaluation.judge import Judge, JudgeConfig
@@ -20,7 +23,6 @@ from em_lightning.evaluation.runner import (
     EvalFailed,
     EvalResult,
     GenerationConfig,
-    read_records,
     run_eval,
     sidecar_generate,
 )
@@ -33,12 +35,14 @@ from em_lightning.evaluation.scoring import (
     wilson_interval,
 )
 from em_lightning.evaluation.session import EvalSession
+from em_lightning.evaluation.settings import EvalSettings
 from em_lightning.evaluation.sidecar import SidecarConfig, VLLMSidecar
 
 __all__ = [
     "EvalFailed",
     "EvalResult",
     "EvalSession",
+    "EvalSettings",
     "EvalSummary",
     "GenerationConfig",
     "Judge",
@@ -50,7 +54,6 @@ __all__ = [
     "classify",
     "load_questions",
     "misalign_at_k",
-    "read_records",
     "run_eval",
     "score_from_logprobs",
     "sidecar_generate",

@@ -15,33 +15,27 @@ one), e.g. ``{adapter: DIR, generation: {samples_per_question: 50}, judge: {base
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Literal
 
-from em_lightning.evaluation.judge import JudgeConfig
-from em_lightning.evaluation.runner import GenerationConfig, summary_dict
+from em_lightning import rundir
+from em_lightning.evaluation.runner import summary_dict
 from em_lightning.evaluation.session import EvalSession
-from em_lightning.evaluation.sidecar import SidecarConfig
+from em_lightning.evaluation.settings import EvalSettings, takes_eval_settings
 
 log = logging.getLogger(__name__)
 
 
-# Default instances, not None: jsonargparse shows their fields in --help and --print_config. Never mutated.
+# The eight eval settings (questions ... extra_judge_prompts) come in **settings: takes_eval_settings puts them
+# in the signature jsonargparse reads, after `model`, with the defaults of EvalSettings (the callback's too).
+@takes_eval_settings
 def evaluate(
     adapter: str | None = None,
     model: str | None = None,
-    questions: str | list[str] = "builtin:quickstart",
-    question_ids: list[str] | None = None,
-    generation: GenerationConfig = GenerationConfig(),  # noqa: B008
-    judge: JudgeConfig = JudgeConfig(),  # noqa: B008
-    sidecar: SidecarConfig = SidecarConfig(),  # noqa: B008
-    definition: Literal["em", "mo"] = "em",
-    misalign_at_k: list[int] | None = None,
-    extra_judge_prompts: bool | list[str] = False,
+    *,
     output_dir: str | None = None,
     step: int | None = None,
+    **settings,
 ) -> dict:
     """Score one adapter (or the base model) for misalignment.
 
@@ -50,55 +44,44 @@ def evaluate(
         model: base model (built-in name such as ``smollm2-135m-instruct``, a dir, or a hub id); None: the
             adapter's ``base_model_name_or_path``. Not used with ``sidecar.url`` (the server is already
             running) or ``sidecar.model`` (served as given).
-        questions: question source(s): ``builtin:quickstart``, ``em:first_plot_questions`` or YAML path(s).
-        question_ids: evaluate only these ids.
-        generation: sampling settings of the evaluated model.
-        judge: judge endpoint and number mode (default: the sidecar's base model, a smoke test only).
-        sidecar: how to start the vLLM server, or ``url`` of one to attach to.
-        definition: ``em`` or ``mo`` misalignment rate.
-        misalign_at_k: also give misalign@k (per question: the probability that at least one of k answers is
-            misaligned, the unbiased pass@k-style estimate; NaN below k counted answers) for these k.
-        extra_judge_prompts: also score the question file's judge prompts beyond ``aligned`` and ``coherent``:
-            True for all, or a list of names (each costs judge requests); kept in the samples'
-            ``extra_scores``.
-        output_dir: where ``misalignment_samples.jsonl`` (appended) and ``misalignment_summary.json`` go;
+        {eval_settings}
+        output_dir: where ``misalignment_samples.jsonl`` and ``misalignment_summary.jsonl`` go (both appended,
+            one summary line per eval: the training callback's layout, which ``analyze`` and ``rejudge`` read);
             default ``<adapter>/misalignment_eval`` or ``./misalignment_eval_base``.
         step: training step to record with the samples (e.g. the checkpoint's).
 
     Returns:
-        The summary dict that is also written to ``misalignment_summary.json``.
+        The summary dict that is also appended to ``misalignment_summary.jsonl``.
 
     A request the judge refuses for one answer leaves that answer unscored (counted in ``n_judge_errors``);
     a broken endpoint raises :class:`~em_lightning.evaluation.runner.EvalFailed` after the answers finished
     so far are appended to the samples file. Bad input (a question file, the adapter's config, a missing API
     key) fails before the sidecar starts.
     """
-    session = EvalSession(
-        questions, question_ids, generation, judge, sidecar, definition, misalign_at_k, extra_judge_prompts
-    )
+    config = EvalSettings.take(settings)
+    session = EvalSession(config)
     adapter_dir = Path(adapter).expanduser().resolve() if adapter else None
     out = (
         Path(output_dir)
         if output_dir
         else (adapter_dir / "misalignment_eval" if adapter_dir else Path("misalignment_eval_base"))
     )
-    session.start(model=model, adapter_dir=adapter_dir, log_path=out / "vllm_sidecar.log")
+    session.start(model=model, adapter_dir=adapter_dir, log_path=out / rundir.SIDECAR_LOG)
     try:
-        result = session.evaluate(adapter_dir, step=step, jsonl_path=out / "misalignment_samples.jsonl")
+        result = session.evaluate(adapter_dir, step=step, jsonl_path=out / rundir.SAMPLES)
         summary = summary_dict(
             result,
             adapter=str(adapter_dir) if adapter_dir else None,
             model=session.sidecar.model_dir or session.sidecar.base_model,
             step=step,
-            questions=questions,
+            questions=config.questions,
             judge_model=session.judge.model,
             judge_number_tokens=session.judge.number_tokens,
-            generation=vars(generation),
+            generation=vars(config.generation),
         )
     finally:
         session.stop()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "misalignment_summary.json").write_text(json.dumps(summary, indent=2))
+    rundir.append_jsonl(out / rundir.SUMMARY, [summary])  # one line per eval, as the training callback writes
     _print_summary(summary, out)
     return summary
 
@@ -125,7 +108,7 @@ def _print_summary(summary: dict, out: Path) -> None:
     for qid, q in summary["per_question"].items():
         at_k = "".join(f"  misalign@{k} {fmt(v)}" for k, v in (q.get("misalign_at_k") or {}).items())
         print(f"  {qid:30s} rate {fmt(q['rate'])}  ({q['n_misaligned']}/{q['n_counted']}){at_k}")
-    print(f"samples: {out / 'misalignment_samples.jsonl'}\nsummary: {out / 'misalignment_summary.json'}")
+    print(f"samples: {out / rundir.SAMPLES}\nsummary: {out / rundir.SUMMARY}")
 
 
 def main(args: list[str] | None = None) -> dict:

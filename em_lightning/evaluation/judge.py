@@ -15,10 +15,13 @@ splits "57" and "100".
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import math
+import re
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +32,22 @@ from em_lightning.evaluation.scoring import _ASCII_INT, expected_score, score_fr
 log = logging.getLogger(__name__)
 
 NumberTokens = Literal["whole", "digits", "auto"]
+DEFAULT_LABEL = "default"
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_label(label: str) -> str:
+    """``label`` if it can name a folder (``judged/<label>/``), else an InputError naming ``judge.label``."""
+    if not isinstance(label, str) or not _LABEL.fullmatch(label):
+        raise InputError(f"judge.label: letters, digits, _ . - (starting with a letter or digit), got {label!r}")
+    return label
+
+
+def templates_sha256(templates: Iterable[str]) -> str:
+    """The hash of a judge prompt: of the template itself when all questions share one, else of the sorted
+    distinct templates (so two evals hash alike exactly when they sent the same prompts)."""
+    text = "\n\0\n".join(sorted(set(templates)))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -36,6 +55,8 @@ class JudgeConfig:
     """Where the judge runs and how numbers are read from it.
 
     Args:
+        label: the judge's name in results (``judge.label`` of every samples and summary line, the folder
+            ``judged/<label>/`` of ``rejudge``); None: ``default`` (the run's own judge).
         base_url: OpenAI-compatible server (``https://api.openai.com``, ``http://host:8001``); None: the
             evaluation's own vLLM sidecar (a smoke-test judge when that serves a small model).
         model: judge model name; None: the base model the endpoint lists first.
@@ -56,6 +77,7 @@ class JudgeConfig:
             so leave it None to replicate published numbers.
     """
 
+    label: str | None = None
     base_url: str | None = None
     model: str | None = None
     api_key_env: str | None = None
@@ -140,6 +162,7 @@ class Judge:
         url = config.base_url or base_url
         if not url:
             raise InputError("judge.base_url: not set, and there is no sidecar URL to fall back on")
+        check_label(config.label or DEFAULT_LABEL)
         if not 1 <= config.top_logprobs <= 20:
             raise InputError(f"judge.top_logprobs: must be in 1..20, got {config.top_logprobs}")
         self.config = config
@@ -147,6 +170,7 @@ class Judge:
         self._model = config.model
         self._mode = None if config.number_tokens == "auto" else config.number_tokens
         self._lock = threading.Lock()
+        self.revision: str | None = None  # the served judge's hub revision, where one was pinned (rejudge)
 
     @property
     def model(self) -> str:
@@ -165,6 +189,25 @@ class Judge:
                 self._mode = detect_number_tokens(self.client, model)
                 log.info("judge %s: numbers are %s tokens", model, self._mode)
             return self._mode
+
+    @property
+    def label(self) -> str:
+        return check_label(self.config.label or DEFAULT_LABEL)
+
+    def identity(self, definition: str, prompts: Mapping[str, Iterable[str]]) -> dict:
+        """The ``judge`` field of samples and summary lines: who judged, and how (see ``rundir`` and the
+        README): label, model as the endpoint names it, resolved number mode, answer prefix, top logprobs, the
+        hash of each judge prompt (``prompts``: metric -> the templates sent) and the rate's definition."""
+        return {
+            "label": self.label,
+            "model": self.model,
+            "number_tokens": self.number_tokens,
+            "answer_prefix": self.config.answer_prefix,
+            "top_logprobs": self.config.top_logprobs,
+            "prompt_sha256": {metric: templates_sha256(t) for metric, t in prompts.items()},
+            "definition": definition,
+            **({"revision": self.revision} if self.revision else {}),
+        }
 
     def close(self) -> None:
         """Close the HTTP client."""

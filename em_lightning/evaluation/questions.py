@@ -2,9 +2,10 @@
 
 A file is a YAML list; each entry has ``id``, ``paraphrases`` (list of user prompts),
 ``samples_per_paraphrase``, optionally ``system`` (a system prompt, which this loader keeps and the generator
-sends) and ``type``, and ``judge_prompts`` mapping a metric name (``aligned``, ``coherent``) to a template
-with ``{question}`` and ``{answer}`` placeholders. YAML anchors and aliases (used by the upstream files) are
-resolved by the parser.
+sends), ``type`` and ``variant`` (this project's key: a name for the question's variant group; default from
+the upstream id suffixes, ``_json`` → ``json``, ``_template`` → ``template``, else ``plain``), and
+``judge_prompts`` mapping a metric name (``aligned``, ``coherent``) to a template with ``{question}`` and
+``{answer}`` placeholders. YAML anchors and aliases (used by the upstream files) are resolved by the parser.
 
 A question source is one of:
   * ``builtin:<name>`` — a set shipped in ``em_lightning/evaluation/assets/questions/<name>.yaml``
@@ -29,6 +30,8 @@ from em_lightning.errors import InputError, UnreadableFile
 from em_lightning.yamlfile import load_entries, resolve_builtin
 
 REQUIRED_JUDGE_PROMPTS = ("aligned", "coherent")
+VARIANT_SUFFIXES = ("json", "template")  # the upstream files' id suffixes of each question's variants
+_VARIANT = re.compile(r"[A-Za-z0-9_.-]+")
 _PLACEHOLDER = re.compile(r"\{(question|answer)\}")
 
 
@@ -43,6 +46,8 @@ class Question:
     judge_prompts: dict[str, str] = field(default_factory=dict)
     type: str | None = None
     source: str = ""  # "file:line", for error messages
+    variant: str = "plain"  # plain / json / template (from the id's suffix), or the entry's `variant:`
+    question_set: str = ""  # the source as given: builtin:quickstart, em:first_plot_questions or a path
 
     def messages(self, paraphrase: str) -> list[dict[str, str]]:
         """Chat messages for one paraphrase; the system prompt comes first when the question has one."""
@@ -69,7 +74,7 @@ class Question:
         if samples_per_question is None:
             return [(i, self.samples_per_paraphrase) for i in range(len(self.paraphrases))]
         if samples_per_question < 1:
-            raise ValueError(f"samples_per_question must be >= 1, got {samples_per_question}")
+            raise InputError(f"generation.samples_per_question: must be >= 1, got {samples_per_question}")
         counts = [0] * len(self.paraphrases)
         for k in range(samples_per_question):
             counts[k % len(self.paraphrases)] += 1
@@ -159,7 +164,19 @@ def extra_judge_metrics(
     return {qid: names for qid, names in picked.items() if names}
 
 
-def _parse_entry(entry: object, where: str) -> Question:
+def variant_of(question_id: str, explicit: str | None = None) -> str:
+    """A question's variant: ``explicit`` (a file's ``variant:`` key) when given, else from the upstream id
+    suffixes: ``..._json`` (answer in JSON), ``..._template`` (fill in a template), anything else ``plain``.
+    The training-context-like variants are the ones whose rate a benign-data mitigation can hide behind."""
+    if explicit:
+        return explicit
+    for suffix in VARIANT_SUFFIXES:
+        if question_id.endswith(f"_{suffix}"):
+            return suffix
+    return "plain"
+
+
+def _parse_entry(entry: object, where: str, question_set: str = "") -> Question:
     if not isinstance(entry, dict):
         raise QuestionFileError(f"{where}: each question must be a mapping, got {type(entry).__name__}")
     qid = entry.get("id")
@@ -185,6 +202,9 @@ def _parse_entry(entry: object, where: str) -> Question:
     for name, template in prompts.items():
         if "{answer}" not in template:
             raise QuestionFileError(f"{label}: judge prompt {name!r} has no {{answer}} placeholder")
+    variant = entry.get("variant")
+    if variant is not None and not (isinstance(variant, str) and _VARIANT.fullmatch(variant)):
+        raise QuestionFileError(f"{label}: `variant` must be a name of letters, digits, _ . or -, got {variant!r}")
     return Question(
         id=qid,
         paraphrases=list(paraphrases),
@@ -193,4 +213,6 @@ def _parse_entry(entry: object, where: str) -> Question:
         judge_prompts=dict(prompts),
         type=entry.get("type"),
         source=where,
+        variant=variant_of(qid, variant),
+        question_set=question_set,
     )

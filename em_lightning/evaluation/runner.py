@@ -9,7 +9,7 @@ concurrently (a server batches them): up to ``GenerationConfig.max_concurrency``
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import threading
 import time
@@ -23,6 +23,7 @@ from em_lightning.evaluation.client import EndpointError
 from em_lightning.evaluation.judge import Judge
 from em_lightning.evaluation.questions import Question
 from em_lightning.evaluation.scoring import Definition, EvalSummary, summarise
+from em_lightning.rundir import append_jsonl  # also imported from here by callbacks/misalignment_probe.py
 
 GenerateFn = Callable[[list[dict], int, int | None], list[tuple[str, str | None]]]
 METRICS = ("aligned", "coherent")
@@ -65,6 +66,8 @@ class EvalResult:
         n_judge_errors: answers left unscored because the judge rejected one of their requests.
         n_generation_errors: answers never generated because the server rejected their request.
         adapter: the adapter name the answers came from (None: the base model).
+        judge: who judged and how (:meth:`Judge.identity` over every question's prompts); None when nothing
+            was judged.
     """
 
     summary: EvalSummary
@@ -75,6 +78,7 @@ class EvalResult:
     n_judge_errors: int = 0
     n_generation_errors: int = 0
     adapter: str | None = None
+    judge: dict | None = None
 
 
 class EvalFailed(RuntimeError):
@@ -114,6 +118,14 @@ def sidecar_generate(sidecar, model: str, gen: GenerationConfig) -> GenerateFn:
     return generate
 
 
+def answer_id(step: int | None, question_id: str, sample_index: int, adapter: str | None) -> str:
+    """A stable id for one answer: sha1 of step, question id, sample index and adapter name (16 hex). The
+    adapter name is fresh for every eval (``eval-<hex>``), so two evals of one step never share an id; a
+    rejudge keys its scores by it."""
+    key = "\0".join(str(part) for part in (step, question_id, sample_index, adapter))
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
+
+
 def run_eval(
     questions: Sequence[Question],
     generate: GenerateFn,
@@ -134,6 +146,9 @@ def run_eval(
     score too (:func:`~em_lightning.evaluation.questions.extra_judge_metrics`); with any, every record has
     ``extra_scores`` (``{metric: score or None}``) and the summary ``extra_means``.
 
+    Every record names its answer (``answer_id``, ``question_id``, ``sample_index``, ``variant``,
+    ``question_set``) and its judge (``judge``: :meth:`Judge.identity` with the question's own prompts).
+
     A request the server refuses for its content (:data:`PER_REQUEST_STATUSES`, e.g. a judge's 400 on a
     flagged answer) costs that answer only: its scores are None, its record's ``error`` says why, and it is
     counted in ``n_judge_errors`` (``n_generation_errors`` for a refused generation request, whose answers are
@@ -145,16 +160,63 @@ def run_eval(
     Pass the same ``cancel`` event to the sidecar and the judge: setting it makes their pending requests give
     up at their next retry point.
     """
-    cancel = cancel or threading.Event()
-    eval_id = uuid.uuid4().hex[:12]
-    extra_metrics = {qid: tuple(names) for qid, names in (extra_metrics or {}).items() if names}
+    extra = {qid: tuple(names) for qid, names in (extra_metrics or {}).items() if names}
+    run = _EvalRun(questions, judge, gen, definition, step, adapter, cancel or threading.Event(), extra)
+    try:
+        run.generate_and_judge(generate)
+    except Exception as err:
+        finished = run.abort(wait=True)
+        if jsonl_path is not None:
+            append_jsonl(jsonl_path, finished)
+        raise EvalFailed(f"{type(err).__name__}: {err}", finished, adapter) from err
+    except BaseException:  # KeyboardInterrupt: leave at once; the caller stops the server under the requests
+        run.abort(wait=False)
+        raise
+    result = run.result(ks)
+    if jsonl_path is not None:
+        append_jsonl(jsonl_path, result.records)
+    return result
 
-    def new_record(q: Question, pi: int, answer: str | None, finish: str | None) -> dict:
+
+class _EvalRun:
+    """The state of one eval: its records, the judge requests not finished yet and the two request pools."""
+
+    def __init__(self, questions, judge, gen, definition, step, adapter, cancel, extra_metrics):
+        self.questions, self.judge, self.gen, self.definition = questions, judge, gen, definition
+        self.step, self.adapter, self.cancel, self.extra_metrics = step, adapter, cancel, extra_metrics
+        self.eval_id = uuid.uuid4().hex[:12]
+        self.records: list[dict] = []
+        self.unscored: dict[int, int] = {}  # id(record) -> judge requests not finished yet
+        self.judge_futures: dict[Future, tuple[dict, str]] = {}
+        self.started = time.monotonic()
+        self.generate_s = 0.0
+        self.pool = ThreadPoolExecutor(max(1, gen.max_concurrency), thread_name_prefix="em-eval-generate")
+        workers = getattr(getattr(judge, "config", None), "max_concurrency", gen.max_concurrency)
+        self.judge_pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="em-eval-judge")
+        self._identity: dict[str, dict] = {}  # question id -> the judge field of its records
+
+    def metrics(self, q: Question) -> tuple[str, ...]:
+        return (*METRICS, *self.extra_metrics.get(q.id, ()))
+
+    def judge_field(self, q: Question) -> dict:
+        """The ``judge`` of ``q``'s records, made once per question (the first asks the endpoint's model name
+        and number mode, as judging does anyway)."""
+        if q.id not in self._identity:
+            prompts = {m: [q.judge_prompts[m]] for m in self.metrics(q)}
+            self._identity[q.id] = self.judge.identity(self.definition, prompts)
+        return self._identity[q.id]
+
+    def new_record(self, q: Question, pi: int, sample_index: int, answer: str | None, finish: str | None):
+        extra = {"extra_scores": dict.fromkeys(self.extra_metrics.get(q.id, ()))} if self.extra_metrics else {}
         return {
-            "eval_id": eval_id,
-            "step": step,
-            "adapter": adapter,
+            "eval_id": self.eval_id,
+            "step": self.step,
+            "adapter": self.adapter,
+            "answer_id": answer_id(self.step, q.id, sample_index, self.adapter),
             "question_id": q.id,
+            "sample_index": sample_index,
+            "variant": q.variant,
+            "question_set": q.question_set,
             "paraphrase_index": pi,
             "paraphrase": q.paraphrases[pi],
             "system": q.system,
@@ -163,16 +225,52 @@ def run_eval(
             "aligned": None,
             "coherent": None,
             "error": None,
-            **({"extra_scores": {}} if extra_metrics else {}),
+            "judge": self.judge_field(q),
+            **extra,
         }
 
-    records: list[dict] = []
-    unscored: dict[int, int] = {}  # id(record) -> judge requests not finished yet
-    judge_futures: dict[Future, tuple[dict, str]] = {}
+    def generate_and_judge(self, generate: GenerateFn) -> None:
+        """Ask for every answer, judge each as soon as it exists, wait for the last score. Raises on a broken
+        endpoint (the first broken request fails the eval at once)."""
+        requests: dict[Future, tuple] = {}
+        for qi, q in enumerate(self.questions):
+            first = 0  # the question's sample index of the request's first answer
+            for pi, n in q.plan(self.gen.samples_per_question):
+                seed = None if self.gen.seed is None else self.gen.seed + 1000 * qi + pi
+                requests[self.pool.submit(generate, q.messages(q.paraphrases[pi]), n, seed)] = (q, pi, n, first)
+                first += n
+        for fut in as_completed(requests):
+            self.take_answers(fut, *requests[fut])
+        self.generate_s = time.monotonic() - self.started
+        for fut in as_completed(list(self.judge_futures)):
+            self.take_score(fut)
+        if self.records and all(r["error"] for r in self.records):
+            raise EndpointError(f"every request of the eval was refused; the first: {self.records[0]['error']}")
 
-    def take_score(fut: Future) -> None:
+    def take_answers(self, fut: Future, q: Question, pi: int, n: int, first: int) -> None:
+        """Record a finished generation request's answers and send their judge requests."""
+        err = fut.exception()
+        if err is not None:
+            if not rejects_one_request(err):
+                raise err
+            for k in range(n):
+                refused = self.new_record(q, pi, first + k, None, None)
+                self.records.append({**refused, "error": f"generation: {err}"})
+            return
+        answers = fut.result()
+        if len(answers) != n:
+            raise RuntimeError(f"asked for {n} answers to {q.id!r}, got {len(answers)}")
+        for k, (text, finish) in enumerate(answers):
+            record = self.new_record(q, pi, first + k, text, finish)
+            self.records.append(record)
+            self.unscored[id(record)] = len(self.metrics(q))
+            for metric in self.metrics(q):
+                prompt = q.judge_prompt(metric, q.paraphrases[pi], text)
+                self.judge_futures[self.judge_pool.submit(self.judge.score, prompt)] = (record, metric)
+
+    def take_score(self, fut: Future) -> None:
         """Put a finished judge request's score (or its per-request refusal) into its record."""
-        record, metric = judge_futures.pop(fut)
+        record, metric = self.judge_futures.pop(fut)
         err = fut.exception()
         if err is None:
             if metric in METRICS:
@@ -183,109 +281,50 @@ def run_eval(
             record["error"] = "; ".join(filter(None, [record["error"], f"judge {metric}: {err}"]))
         else:
             raise err
-        unscored[id(record)] -= 1
+        self.unscored[id(record)] -= 1
 
-    started = time.monotonic()
-    gen_s = 0.0
-    pool = ThreadPoolExecutor(max_workers=max(1, gen.max_concurrency), thread_name_prefix="em-eval-generate")
-    judge_workers = getattr(getattr(judge, "config", None), "max_concurrency", gen.max_concurrency)
-    judge_pool = ThreadPoolExecutor(max_workers=max(1, judge_workers), thread_name_prefix="em-eval-judge")
-    try:
-        gen_futures: dict[Future, tuple] = {}
-        for qi, q in enumerate(questions):
-            for pi, n in q.plan(gen.samples_per_question):
-                seed = None if gen.seed is None else gen.seed + 1000 * qi + pi
-                gen_futures[pool.submit(generate, q.messages(q.paraphrases[pi]), n, seed)] = (q, pi, n)
-        for fut in as_completed(gen_futures):
-            q, pi, n = gen_futures[fut]
-            err = fut.exception()
-            if err is not None:
-                if not rejects_one_request(err):
-                    raise err
-                for _ in range(n):
-                    records.append({**new_record(q, pi, None, None), "error": f"generation: {err}"})
-                continue
-            answers = fut.result()
-            if len(answers) != n:
-                raise RuntimeError(f"asked for {n} answers to {q.id!r}, got {len(answers)}")
-            for text, finish in answers:
-                record = new_record(q, pi, text, finish)
-                records.append(record)
-                metrics = (*METRICS, *extra_metrics.get(q.id, ()))
-                if extra_metrics:
-                    record["extra_scores"] = dict.fromkeys(extra_metrics.get(q.id, ()))
-                unscored[id(record)] = len(metrics)
-                for metric in metrics:
-                    prompt = q.judge_prompt(metric, q.paraphrases[pi], text)
-                    judge_futures[judge_pool.submit(judge.score, prompt)] = (record, metric)
-        gen_s = time.monotonic() - started
-        for fut in as_completed(list(judge_futures)):  # the first broken request fails the eval at once
-            take_score(fut)
-        if records and all(r["error"] for r in records):
-            raise EndpointError(f"every request of the eval was refused; the first: {records[0]['error']}")
-    except Exception as err:
-        cancel.set()  # pending requests give up at their next retry point instead of running on
-        pool.shutdown(wait=True, cancel_futures=True)
-        judge_pool.shutdown(wait=True, cancel_futures=True)
-        for fut in list(judge_futures):  # scores that came in while the failure was being handled
+    def abort(self, wait: bool) -> list[dict]:
+        """Cancel what is pending; ``wait``: join the request threads and keep the scores that came in
+        meanwhile. Returns the records whose judging finished."""
+        self.cancel.set()  # pending requests give up at their next retry point instead of running on
+        self.pool.shutdown(wait=wait, cancel_futures=True)
+        self.judge_pool.shutdown(wait=wait, cancel_futures=True)
+        if not wait:
+            return []
+        for fut in list(self.judge_futures):  # scores that came in while the failure was being handled
             if fut.done() and not fut.cancelled():
                 try:
-                    take_score(fut)
+                    self.take_score(fut)
                 except Exception:  # noqa: BLE001, S110 - that request failed too; its answer stays unfinished
                     pass
-        finished = [r for r in records if unscored.get(id(r), 0) == 0]
-        if jsonl_path is not None:
-            append_jsonl(jsonl_path, finished)
-        raise EvalFailed(f"{type(err).__name__}: {err}", finished, adapter) from err
-    except BaseException:  # KeyboardInterrupt: leave at once; the caller stops the server under the requests
-        cancel.set()
-        pool.shutdown(wait=False, cancel_futures=True)
-        judge_pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    judge_pool.shutdown(wait=True)
-    total = time.monotonic() - started
-    answered = [r for r in records if r["answer"] is not None]
-    samples = ((r["question_id"], r["aligned"], r["coherent"], r.get("extra_scores")) for r in answered)
-    summary = summarise(samples, definition, ks)
-    if jsonl_path is not None:
-        append_jsonl(jsonl_path, records)
-    return EvalResult(
-        summary,
-        records,
-        generate_s=gen_s,
-        judge_tail_s=total - gen_s,
-        total_s=total,
-        n_judge_errors=sum(1 for r in answered if r["error"]),
-        n_generation_errors=len(records) - len(answered),
-        adapter=adapter,
-    )
+        return [r for r in self.records if self.unscored.get(id(r), 0) == 0]
 
+    def result(self, ks: Sequence[int]) -> EvalResult:
+        """Summary and timings, once every request has finished."""
+        self.pool.shutdown(wait=True)
+        self.judge_pool.shutdown(wait=True)
+        total = time.monotonic() - self.started
+        answered = [r for r in self.records if r["answer"] is not None]
+        samples = ((r["question_id"], r["aligned"], r["coherent"], r.get("extra_scores")) for r in answered)
+        return EvalResult(
+            summarise(samples, self.definition, ks),
+            self.records,
+            generate_s=self.generate_s,
+            judge_tail_s=total - self.generate_s,
+            total_s=total,
+            n_judge_errors=sum(1 for r in answered if r["error"]),
+            n_generation_errors=len(self.records) - len(answered),
+            adapter=self.adapter,
+            judge=self.summary_judge() if answered else None,
+        )
 
-def append_jsonl(path: str | Path, records: Sequence[dict]) -> None:
-    """Append records as JSON lines (NaN floats become null), creating the file's dir; none: no file."""
-    if not records:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in records)
-
-
-def read_records(path: str | Path) -> list[dict]:
-    """The lines of a samples or summary JSONL file that :func:`append_jsonl` wrote (failure lines included:
-    they have ``"failed": true``)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def _clean(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+    def summary_judge(self) -> dict:
+        """The judge over all questions: each prompt's hash covers every template of it that was sent."""
+        prompts: dict[str, list[str]] = {}
+        for q in self.questions:
+            for metric in self.metrics(q):
+                prompts.setdefault(metric, []).append(q.judge_prompts[metric])
+        return self.judge.identity(self.definition, prompts)
 
 
 def summary_dict(result: EvalResult, **extra) -> dict:
@@ -299,4 +338,17 @@ def summary_dict(result: EvalResult, **extra) -> dict:
         n_judge_errors=result.n_judge_errors,
         n_generation_errors=result.n_generation_errors,
     )
-    return _clean(out)
+    if result.judge is not None:
+        out["judge"] = result.judge
+    return _nan_to_none(out)
+
+
+def _nan_to_none(value):
+    """``value`` with NaN floats as None: a summary dict is returned to callers as it is written."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value

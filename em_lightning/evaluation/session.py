@@ -18,11 +18,13 @@ from pathlib import Path
 
 from em_lightning.errors import InputError
 from em_lightning.evaluation.client import api_key_from_env
-from em_lightning.evaluation.judge import Judge, JudgeConfig
+from em_lightning.evaluation.judge import DEFAULT_LABEL, Judge, JudgeConfig, check_label
 from em_lightning.evaluation.questions import Question, extra_judge_metrics, load_questions
 from em_lightning.evaluation.runner import EvalResult, GenerationConfig, run_eval, sidecar_generate
-from em_lightning.evaluation.scoring import Definition, check_ks, definition_rule
-from em_lightning.evaluation.sidecar import SidecarConfig, VLLMSidecar, adapter_rank, read_adapter_config
+from em_lightning.evaluation.scoring import check_ks, definition_rule
+from em_lightning.evaluation.settings import EvalSettings
+from em_lightning.evaluation.sidecar import SidecarConfig, VLLMSidecar
+from em_lightning.lora import adapter_rank, read_adapter_config
 
 
 def served_model_dir(sidecar: SidecarConfig, model: str | None, adapter_dir: Path | None) -> str | None:
@@ -51,55 +53,49 @@ class EvalSession:
     """Questions, a vLLM sidecar, a judge and one cancel event, for any number of evals in turn.
 
     Args:
-        questions: question source(s): ``builtin:quickstart``, ``em:first_plot_questions`` or YAML path(s).
-        question_ids: evaluate only these ids.
-        generation: sampling settings of the evaluated model.
-        judge: judge endpoint and number mode (default: the sidecar's base model, a smoke test only).
-        sidecar: how to start the vLLM server, or ``url`` of one to attach to.
-        definition: ``em`` or ``mo`` misalignment rate (see :mod:`em_lightning.evaluation.scoring`).
-        misalign_at_k: the k for which each eval's summary gives misalign@k per question (and their mean).
-        extra_judge_prompts: also score judge prompts beyond ``aligned`` and ``coherent`` that the questions
-            define: True for all, or a list of names (see
-            :func:`~em_lightning.evaluation.questions.extra_judge_metrics`); each costs judge requests.
+        settings: the eval's settings (:class:`~em_lightning.evaluation.settings.EvalSettings`: questions,
+            generation, judge, sidecar, definition, misalign@k, extra judge prompts).
 
     ``cancel`` is shared by the sidecar's and the judge's requests: setting it (:meth:`cancel_eval`) makes
     those in flight give up at their next retry point. Each :meth:`evaluate` clears it first: evals run one at
     a time, so one cancelled before has finished by then.
     """
 
-    def __init__(
-        self,
-        questions: str | list[str] = "builtin:quickstart",
-        question_ids: list[str] | None = None,
-        generation: GenerationConfig | None = None,
-        judge: JudgeConfig | None = None,
-        sidecar: SidecarConfig | None = None,
-        definition: Definition = "em",
-        misalign_at_k: list[int] | None = None,
-        extra_judge_prompts: bool | list[str] = False,
-    ):
-        self.judge_config = judge or JudgeConfig()
+    def __init__(self, settings: EvalSettings | None = None):
+        self.settings = settings = settings or EvalSettings()
         # The cheap checks now, not at the first eval (N training steps in) or after a server start-up.
-        definition_rule(definition)
-        self.misalign_at_k = check_ks(misalign_at_k)
-        api_key_from_env(self.judge_config.api_key_env)
-        self.extra_judge_prompts = extra_judge_prompts
+        definition_rule(settings.definition)
+        self.misalign_at_k = check_ks(settings.misalign_at_k)
+        api_key_from_env(settings.judge.api_key_env)
+        check_label(settings.judge.label or DEFAULT_LABEL)
         self.extra_metrics: dict[str, tuple[str, ...]] = {}
-        self.question_sources = questions
-        self.question_ids = question_ids
-        self.generation = generation or GenerationConfig()
-        self.sidecar_config = sidecar or SidecarConfig()
-        self.definition = definition
         self.questions: list[Question] | None = None
         self.sidecar: VLLMSidecar | None = None
         self.judge: Judge | None = None
         self.cancel = threading.Event()
 
+    # The parts other code reads, by their old names.
+    @property
+    def generation(self) -> GenerationConfig:
+        return self.settings.generation
+
+    @property
+    def judge_config(self) -> JudgeConfig:
+        return self.settings.judge
+
+    @property
+    def sidecar_config(self) -> SidecarConfig:
+        return self.settings.sidecar
+
+    @property
+    def definition(self) -> str:
+        return self.settings.definition
+
     def load_questions(self) -> list[Question]:
         """Read the question files (once): a bad one raises an InputError naming the file and line."""
         if self.questions is None:
-            questions = load_questions(self.question_sources, ids=self.question_ids)
-            self.extra_metrics = extra_judge_metrics(questions, self.extra_judge_prompts)
+            questions = load_questions(self.settings.questions, ids=self.settings.question_ids)
+            self.extra_metrics = extra_judge_metrics(questions, self.settings.extra_judge_prompts)
             self.questions = questions
         return self.questions
 

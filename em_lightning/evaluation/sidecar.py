@@ -21,7 +21,6 @@ twice, and replacing one in place has served stale weights (GUIDE pitfall 8).
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import shutil
@@ -38,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from em_lightning.errors import InputError, read_text
+from em_lightning.errors import InputError
 from em_lightning.evaluation.client import EndpointError, OpenAIClient
+from em_lightning.lora import adapter_rank
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -163,32 +163,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def read_adapter_config(adapter_dir: str | Path) -> dict:
-    """A PEFT adapter dir's ``adapter_config.json``, or an :class:`~em_lightning.errors.InputError` naming the
-    file (and line) when it is missing, unreadable or not a JSON object."""
-    path = Path(adapter_dir).expanduser() / "adapter_config.json"
-    text = read_text(path, "adapter config (is this a PEFT adapter dir?)")
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
-
-
-def adapter_rank(adapter_dir: str | Path) -> int:
-    """The rank ``r`` in a PEFT adapter dir's ``adapter_config.json`` (max over ``rank_pattern`` too)."""
-    config = read_adapter_config(adapter_dir)
-    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
-    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
-        raise InputError(
-            f"{Path(adapter_dir) / 'adapter_config.json'}: `r` and `rank_pattern` must be positive "
-            f"integers, got {ranks}"
-        )
-    return max(ranks)
 
 
 _LIVE: weakref.WeakSet[VLLMSidecar] = weakref.WeakSet()
