@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from em_lightning.errors import InputError
 from em_lightning.lora import find_lora_layers, gathered_full_params, iter_lora_modules, uses_fsdp1
 from em_lightning.spectra import (
     abs_cosine,
@@ -124,12 +125,12 @@ class SpectrumLogger(L.Callback):
         subspace_k: int = 4,
     ):
         if every_n_steps < 1:
-            raise ValueError(f"SpectrumLogger.every_n_steps must be >= 1, got {every_n_steps}")
+            raise InputError(f"SpectrumLogger.every_n_steps: must be >= 1, got {every_n_steps}")
         if subspace_k < 1:
-            raise ValueError(f"SpectrumLogger.subspace_k must be >= 1, got {subspace_k}")
+            raise InputError(f"SpectrumLogger.subspace_k: must be >= 1, got {subspace_k}")
         known = set(spectral_metrics(torch.ones(2)))
         if metrics is not None and not set(metrics) <= known:
-            raise ValueError(f"SpectrumLogger.metrics: unknown {sorted(set(metrics) - known)}; known: {sorted(known)}")
+            raise InputError(f"SpectrumLogger.metrics: unknown {sorted(set(metrics) - known)}; known: {sorted(known)}")
         self.every_n_steps = every_n_steps
         self.log_per_module = log_per_module
         self.log_histograms = log_histograms

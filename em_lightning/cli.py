@@ -58,6 +58,17 @@ class EMLightningCLI(LightningCLI):
                         )
         super()._parse_ckpt_path()
 
+    def instantiate_classes(self) -> None:
+        # jsonargparse wraps an error raised while building a callback (one of a Union-typed list) in a ValueError
+        # of its own with a page of type hints; the user's error is the InputError inside it, naming the key.
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = _input_error_inside(err)
+            if cause is None or cause is err:
+                raise
+            raise cause from None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data is tokenised with the model's own tokenizer and chat template.
         parser.link_arguments("model.base.name", "data.tokenizer")
@@ -87,6 +98,17 @@ def check_class_paths(argv) -> None:
             match = _OLD_CALLBACK_PATH.search(line.split("#", 1)[0])
             if match:
                 raise InputError(f"{path}:{lineno}: {_renamed(match)}")
+
+
+def _input_error_inside(err: BaseException) -> InputError | None:
+    """The first :class:`InputError` in ``err``'s chain of causes (``err`` itself included), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, InputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _plain(value):

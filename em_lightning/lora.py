@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from em_lightning.errors import InputError, read_text
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -47,12 +49,7 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec):
     """Wrap ``model`` in a peft model with ``spec``; only the adapter is trainable."""
     from peft import LoraConfig, get_peft_model
 
-    if spec.r < 1:
-        raise ValueError(f"model.lora.r must be >= 1, got {spec.r}")
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in spec.target_modules if t not in names]
-    if missing:
-        raise ValueError(f"model.lora.target_modules: {missing} not found in the model (it has e.g. {sorted(names)[:12]})")
+    check_lora_spec(spec, model)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -69,6 +66,31 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec):
     if stray:  # the base must stay frozen: the paper's claims are about the adapter alone
         raise RuntimeError(f"unexpected trainable state after applying LoRA: {stray[:3]}")
     return peft_model
+
+
+def check_lora_spec(spec: LoRASpec, model: torch.nn.Module) -> None:
+    """An :class:`~em_lightning.errors.InputError` naming the ``model.lora`` key of any setting that ``model``
+    cannot take (peft would fail later with a traceback, or silently train something else)."""
+    from em_lightning.models import transformer_blocks
+
+    if spec.r < 1:
+        raise InputError(f"model.lora.r: must be >= 1, got {spec.r}")
+    if not 0.0 <= spec.dropout < 1.0:  # p = 1 drops every input: the adapter would never train
+        raise InputError(f"model.lora.dropout: must be in [0, 1), got {spec.dropout}")
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in spec.target_modules if t not in names]
+    if missing:
+        raise InputError(
+            f"model.lora.target_modules: {missing} not found in the model (it has e.g. {sorted(names)[:12]})"
+        )
+    if spec.layers_to_transform is not None:
+        n_layers = len(transformer_blocks(model))
+        bad = [i for i in spec.layers_to_transform if not 0 <= i < n_layers]
+        if bad or not spec.layers_to_transform:
+            raise InputError(
+                f"model.lora.layers_to_transform: {bad or '[]'} outside the model's layers 0..{n_layers - 1} "
+                "(null adapts every layer)"
+            )
 
 
 def seeded_lora_init(model: torch.nn.Module, seed: int) -> None:
@@ -218,11 +240,12 @@ def uses_fsdp1(model: torch.nn.Module) -> bool:
 
 
 def check_not_fsdp1(model: torch.nn.Module, who: str) -> None:
-    """Raise if ``model`` is wrapped in FSDP1, whose flat shards carry no autograd to the LoRA weights;
-    ``who`` (e.g. ``"SpectralPenalty"``) is the part of the config that needs them, named in the message."""
+    """An :class:`~em_lightning.errors.InputError` if ``model`` is wrapped in FSDP1, whose flat shards carry no
+    autograd to the LoRA weights; ``who`` (e.g. ``"SpectralPenalty"``) is the part of the config that needs them,
+    named in the message with ``trainer.strategy``."""
     if uses_fsdp1(model):
-        raise RuntimeError(
-            f"{who} needs differentiable LoRA weights, and FSDP1 shards (trainer.strategy: fsdp) carry no "
+        raise InputError(
+            f"trainer.strategy: {who} needs differentiable LoRA weights, and FSDP1 shards (fsdp) carry no "
             "autograd outside forward: use DDP or FSDP2 (ModelParallelStrategy / fully_shard)"
         )
 

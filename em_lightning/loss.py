@@ -34,6 +34,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from em_lightning.errors import InputError
+
 LossNormalization = Literal["step_tokens", "micro_batch"]
 LOSS_NORMALIZATIONS = ("step_tokens", "micro_batch")
 
@@ -142,7 +144,7 @@ def micro_batch_divisor(
         return float(max(n_tokens, 1))
     step_tokens = batch.get("step_supervised_tokens")
     if step_tokens is None:
-        raise ValueError(
+        raise InputError(
             "model.loss_normalization: 'step_tokens' needs batches from em_lightning's ChatDataModule (they carry "
             "the step's supervised-token count, step_supervised_tokens); use 'micro_batch' with other data"
         )

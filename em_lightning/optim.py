@@ -145,6 +145,15 @@ class ScheduleSpec:
     decay: Literal["constant", "linear", "cosine"] = "constant"
     min_lr_ratio: float = 0.0
 
+    def __post_init__(self):
+        # Checked here, when the config is read: a negative warm-up would run the LR backwards from the first step.
+        if self.warmup_steps < 0:
+            raise InputError(f"model.schedule.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise InputError(f"model.schedule.warmup_ratio: must be in [0, 1], got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise InputError(f"model.schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
 
 def lr_lambda(spec: ScheduleSpec, total_steps: int):
     """The LR multiplier as a function of the optimizer step, for ``LambdaLR``."""

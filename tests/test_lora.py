@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from em_lightning.errors import InputError
 from em_lightning.lora import (
     LoRASpec,
     apply_lora,
@@ -172,7 +173,7 @@ def test_fsdp1_is_refused_for_a_loss_term_and_gathered_for_logging(one_rank_grou
     wrapped = FSDP(wrapped, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=policy)
     assert uses_fsdp1(wrapped) and not uses_fsdp1(plain)
     check_not_fsdp1(plain, "SpectralPenalty")  # no error without FSDP1
-    with pytest.raises(RuntimeError, match=r"SpectralPenalty needs differentiable LoRA weights.*FSDP2"):
+    with pytest.raises(InputError, match=r"trainer.strategy: SpectralPenalty needs differentiable LoRA weights.*FSDP2"):
         check_not_fsdp1(wrapped, "SpectralPenalty")
 
     paths = [p for p, _ in wrapped.named_modules() if p.endswith("q_proj")]

@@ -155,7 +155,7 @@ def lora_rank_for_vllm(rank: int) -> int:
     for r in VLLM_LORA_RANKS:
         if r >= rank:
             return r
-    raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+    raise InputError(f"model.lora.r: LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -445,8 +445,9 @@ class VLLMSidecar:
         adapter_dir = Path(adapter_dir).resolve()
         rank = adapter_rank(adapter_dir)
         if rank > self.max_lora_rank:
-            raise ValueError(
-                f"adapter rank {rank} > the sidecar's max_lora_rank {self.max_lora_rank} ({adapter_dir})"
+            raise InputError(
+                f"sidecar.max_lora_rank: adapter rank {rank} > the sidecar's max_lora_rank {self.max_lora_rank} "
+                f"({adapter_dir})"
             )
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         client = self.client
