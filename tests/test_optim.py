@@ -89,11 +89,17 @@ def test_schedule_shapes(decay):
 
 def test_scheduler_steps_with_the_trainer(run_cli):
     """The LR the optimiser used at each step follows the configured cosine schedule (warm-up, then decay)."""
-    cli = run_cli("fit", "--config", "configs/tiny.yaml", "--trainer.max_steps", "8", "--model.schedule.warmup_steps", "2",
-                  "--model.schedule.decay", "cosine", "--model.optimizer.init_args.lr", "0.01")
-    lr = cli.trainer.optimizers[0].param_groups[0]["lr"]
-    expected = lr_lambda(ScheduleSpec(warmup_steps=2, decay="cosine"), total_steps=8)(8) * 0.01
-    assert lr == pytest.approx(expected)
+    from tests.helpers import LRRecorder, find
+
+    steps, lr = 8, 0.01
+    cli = run_cli("fit", "--config", "configs/tiny.yaml", "--trainer.max_steps", str(steps),
+                  "--model.schedule.warmup_steps", "2", "--model.schedule.decay", "cosine",
+                  "--model.optimizer.init_args.lr", str(lr), "--trainer.callbacks+=tests.helpers.LRRecorder")
+    used = find(cli.trainer, LRRecorder).lrs
+    schedule = lr_lambda(ScheduleSpec(warmup_steps=2, decay="cosine"), total_steps=steps)
+    assert list(used) == list(range(steps))
+    for step, rates in used.items():
+        assert rates == [pytest.approx(schedule(step) * lr)], step
 
 
 def test_warmup_ratio():
