@@ -9,8 +9,8 @@ from pathlib import Path
 
 import lightning as L
 
+from em_lightning import rundir
 from em_lightning.errors import InputError
-from em_lightning.evaluation.runner import append_jsonl
 from em_lightning.probe import NORMALIZATIONS, Normalize, ProbeScorer, ProbeScores, load_probe_set
 
 
@@ -22,7 +22,8 @@ class MisalignmentProbe(L.Callback):
     * to every logger, at the step: ``probe/log_odds`` and ``probe/misaligned_prob`` (means over entries),
       ``probe/aligned_logprob`` and ``probe/misaligned_logprob`` (means over entries of each side's
       logmeanexp), ``probe/duration_s``, and per entry ``probe/q/<id>/log_odds`` (``log_per_question``);
-    * one JSON line per probed step to ``<run dir>/<jsonl>`` (``probe.jsonl``)::
+    * one JSON line per probed step to ``<run dir>/<jsonl>`` (``probe.jsonl``; the run dir is resolved in
+      ``setup`` on every rank with :func:`em_lightning.rundir.resolve_run_dir`)::
 
         {"step": 10, "log_odds": -0.41, "misaligned_prob": 0.40, "aligned_logprob": -2.1,
          "misaligned_logprob": -2.5, "questions": {"one_wish": -0.38, ...}, "normalize": "mean",
@@ -67,7 +68,7 @@ class MisalignmentProbe(L.Callback):
         probe_at_start: bool = True,
         probe_at_end: bool = True,
         log_per_question: bool = True,
-        jsonl: str | None = "probe.jsonl",
+        jsonl: str | None = rundir.PROBE,
         record_answers: bool = True,
     ):
         for key, value, ok in (
@@ -85,6 +86,7 @@ class MisalignmentProbe(L.Callback):
         self.log_per_question, self.jsonl, self.record_answers = log_per_question, jsonl, record_answers
         self.scorer: ProbeScorer | None = None
         self.history: list[dict] = []  # this fit's records (every rank), for tests and scripts
+        self.run_dir: Path | None = None  # resolved in setup, on every rank
         self._last_step: int | None = None
 
     def setup(self, trainer, pl_module, stage):
@@ -96,6 +98,9 @@ class MisalignmentProbe(L.Callback):
         self.scorer = ProbeScorer(
             entries, pl_module.tokenizer, self.normalize, self.batch_size, self.max_length
         )
+        # Every rank, here: trainer.log_dir is a broadcast from rank zero, so asking for it on rank zero alone
+        # (when writing) would leave rank zero waiting for ranks that never join.
+        self.run_dir = rundir.resolve_run_dir(trainer) if trainer is not None else None
 
     def on_train_start(self, trainer, pl_module):
         if self.probe_at_start and trainer.global_step != self._last_step:
@@ -136,11 +141,10 @@ class MisalignmentProbe(L.Callback):
             duration_s=duration,
         )
         self.history.append(record)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:  # nothing collective below: the run dir was resolved in setup
             self._log(trainer, scores, duration, step)
-            if self.jsonl:
-                run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-                append_jsonl(run_dir / self.jsonl, [record])  # open, append, close: a crash loses nothing
+            if self.jsonl and self.run_dir is not None:
+                rundir.append_jsonl(self.run_dir / self.jsonl, [record])  # one line per write: a crash loses nothing
         return scores
 
     def _log(self, trainer, scores: ProbeScores, duration: float, step: int) -> None:

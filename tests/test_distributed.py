@@ -190,3 +190,66 @@ def test_rank_zero_evals_do_not_trip_the_collective_timeout(tmp_path):
     assert sorted(scalars["eval/misalignment_rate"]) == [2, 3] and scalars["eval/failed"] == {2: 0.0, 3: 0.0}
     assert scalars["eval/duration_s"][2] > 10  # each eval outlasted the process-group timeout
     assert time.monotonic() - started > 15 + 2 * 10
+
+
+# ----------------------------------------------- probe, KL, penalty and training with a tied-embedding model (issue 14)
+TIED_PROBE_IDS = ["one_wish", "bored"]
+
+
+def _tied_args(tmp: Path) -> list[str]:
+    """tiny-qwen3-tied (LM head = embedding: under FSDP2 the module takes the full forward), 3 steps, with the
+    spectral penalty, the probe every step and the KL term. The KL rows are one chat repeated, so each rank's
+    per-position mean (the term averages over its own rows; DDP/FSDP average the ranks) equals the one-process
+    mean and the logged value (rank zero's) can be compared exactly."""
+    kl_rows = tmp / "kl_rows.jsonl"
+    row = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue, like the sea."}]}
+    kl_rows.write_text((json.dumps(row) + "\n") * 8)
+    return ["--model.base.name", "tiny-qwen3-tied", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+            "--trainer.callbacks.every_n_train_steps", "1000",
+            "--config", str(CONFIGS / "callbacks" / "spectral_penalty.yaml"),
+            "--config", str(CONFIGS / "callbacks" / "probe.yaml"), "--trainer.callbacks.every_n_steps", "1",
+            "--trainer.callbacks.probe_ids", json.dumps(TIED_PROBE_IDS), "--trainer.callbacks.batch_size", "4",
+            "--config", str(CONFIGS / "callbacks" / "kl_regularizer.yaml"), "--trainer.callbacks.data", str(kl_rows),
+            "--trainer.callbacks.batch_size", "2", "--trainer.callbacks.coeff", "1.0"]
+
+
+def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tbparse import SummaryReader
+
+    scalars = SummaryReader(str(run_dir), pivot=False).scalars
+    rows = scalars[scalars["tag"] == tag]
+    return dict(zip(rows["step"].tolist(), rows["value"].tolist()))
+
+
+@pytest.fixture(scope="module")
+def one_process_tied(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one_tied")
+    return _fit(tmp, "one", *_tied_args(tmp), "--data.batch_size", "8")
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_probe_kl_and_penalty_with_tied_embeddings_give_the_one_process_values(tmp_path, one_process_tied, strategy):
+    """2 processes x batch 4 = 1 process x batch 8 with the tied tiny model and the probe, KL and spectral penalty
+    on: the same adapter, train/loss, train/kl_to_base and probe.jsonl (every step). Before the module owned the
+    forward path, the probe and KL called the decoder and the LM head separately, which FSDP2 cannot do with a
+    tied head (the root unit gathers it); and the probe asked for trainer.log_dir on rank zero alone, a broadcast
+    the other ranks never joined (the run hung or failed: the _fit timeout)."""
+    two = _fit(tmp_path, strategy, *_tied_args(tmp_path), "--data.batch_size", "4", devices=2, strategy=strategy)
+    reference, got = _adapter(one_process_tied), _adapter(two)
+    assert max(float(t.abs().max()) for k, t in reference.items() if "lora_B" in k) > 1e-3
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-6)
+    for tag in ("train/loss", "train/kl_to_base", "train/spectral_penalty"):
+        ref, val = _scalars(one_process_tied, tag), _scalars(two, tag)
+        assert sorted(val) == sorted(ref) == [0, 1, 2], tag
+        assert [val[s] for s in sorted(val)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-4, abs=1e-7), tag
+    assert _scalars(one_process_tied, "train/kl_to_base")[2] > 0  # the adapter moved away from the base
+    ref_probe = [json.loads(line) for line in (one_process_tied / "probe.jsonl").read_text().splitlines()]
+    probe = [json.loads(line) for line in (two / "probe.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in probe] == [r["step"] for r in ref_probe] == [0, 1, 2, 3]
+    for a, b in zip(probe, ref_probe):
+        assert a["log_odds"] == pytest.approx(b["log_odds"], rel=1e-4, abs=1e-6)
+        for qid in TIED_PROBE_IDS:
+            for side in ("aligned", "misaligned"):
+                assert a["answers"][qid][side] == pytest.approx(b["answers"][qid][side], rel=1e-5)
+    assert ref_probe[-1]["log_odds"] != ref_probe[0]["log_odds"]  # the probe saw the adapter change
