@@ -380,9 +380,7 @@ def test_analyze_cli_writes_table_report_figures_and_json(tmp_path, capsys):
         "seed_spread",
         "along_training",
     )
-    for name in names:
-        assert (out / "figures" / f"{name}.png").stat().st_size > 5000
-        assert (out / "figures" / f"{name}.pdf").exists()
+    assert set(summary_figures(out)) == set(names)  # what each shows: the draw_* tests below
     report = (out / "report.md").read_text()
     assert "`sgd-secure-0`: state failed" in report and "dropped `optimizer:dataset`" in report
     assert all(f"figures/{n}.png" in report for n in names)
@@ -851,3 +849,113 @@ def test_run_names_carry_their_sweep_all_or_none(tmp_path):
     assert sorted(table["run"]) == ["sweep_a/only_a", "sweep_a/r0", "sweep_b/r0"]
     table, _ = build_table([tmp_path / "sweep_a"])
     assert sorted(table["run"]) == ["only_a", "r0"]
+
+
+def summary_figures(out) -> dict:
+    return json.loads((out / "summary.json").read_text())["figures"]
+
+
+def test_loss_alignment_figure_plots_each_run_once_with_lines_only_where_a_slope_exists():
+    from em_lightning.analysis import figures
+
+    d = planted()
+    d.loc[d["optimizer"] == "sgd", "log_train_loss"] = np.tile([-1.0, -0.5], 6)  # no sgd slope (2 losses)
+    fig = figures.draw_loss_alignment(d, SIGNALS["judge"])
+    left, right = fig.axes
+    assert left.get_xlabel() == "log training loss at the final eval" and "alignment score" in left.get_ylabel()
+    assert right.get_ylabel() == "misalignment rate (judge)"
+    for ax, col in ((left, "aligned_mean"), (right, "misalignment_rate")):
+        points = np.concatenate([c.get_offsets() for c in ax.collections])
+        assert len(points) == len(d)
+        assert sorted(points[:, 1]) == pytest.approx(sorted(d[col]))
+        lines = [ln.get_label() for ln in ax.get_lines()]
+        assert len(lines) == 4 and "all runs (OLS)" in lines  # adam, lion, muon and the pooled fit; no sgd
+    pooled = next(ln for ln in left.get_lines() if ln.get_label() == "all runs (OLS)")
+    slope = np.polyfit(d["log_train_loss"], d["aligned_mean"], 1)[0]
+    xs, ys = pooled.get_xdata(), pooled.get_ydata()
+    assert (ys[-1] - ys[0]) / (xs[-1] - xs[0]) == pytest.approx(slope)
+
+
+def test_seed_spread_and_along_training_figures_show_their_numbers():
+    from em_lightning.analysis import figures
+
+    d = planted()
+    conditions = ["optimizer", "dataset"]
+    fig = figures.draw_seed_spread(d, SIGNALS["judge"], conditions)
+    ax = fig.axes[0]
+    spread = stats.seed_spread(d, "misalignment_rate", conditions)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{o}, {ds}" for o, ds in zip(spread["optimizer"], spread["dataset"])]
+    from matplotlib.collections import PathCollection
+
+    points = np.concatenate([c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)])
+    assert len(points) == len(d) and ax.get_ylabel() == "misalignment rate (judge)"
+    assert sorted(points[:, 1]) == pytest.approx(sorted(d["misalignment_rate"]))
+    means = [ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_marker() == "D"]
+    assert means == pytest.approx(list(spread["mean"]))
+    assert {"a seed", "mean ± 95 % t interval"} <= {t.get_text() for t in ax.get_legend().get_texts()}
+    along = stats.along_training(pd.concat([d, d.assign(step=50, frac_trained=0.5)]), "aligned_mean", bins=4, n_boot=50)
+    fig = figures.draw_along_training(along, "aligned_mean")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "fraction of training"
+    by_label = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(by_label["partial R², optimiser given loss"].get_ydata()) == pytest.approx(list(along["partial_r2_optimizer"]))
+    assert list(by_label["R² of log loss"].get_xdata()) == [0.5, 1.0]
+
+
+def test_a_renamed_probe_file_named_in_the_config_is_still_read(tmp_path):
+    from em_lightning.analysis.table import build_table
+
+    config = _config("adamw", 1e-4)
+    config["trainer"]["callbacks"] = [
+        {"class_path": "em_lightning.callbacks.misalignment_probe.MisalignmentProbe", "init_args": {"jsonl": "probe_v2.jsonl"}},
+        {"class_path": "em_lightning.callbacks.misalignment_eval.MisalignmentEval",
+         "init_args": {"summary_file": "judge_summary.jsonl"}},
+    ]
+    _write_run(
+        tmp_path,
+        "r",
+        {0: {"loss": {s: 1.0 for s in range(8)}, "jsonl": {
+            "probe_v2.jsonl": [{"step": 8, "log_odds": 0.7, "misaligned_prob": 0.66}],
+            "judge_summary.jsonl": [{"step": 8, "rate": 0.25, "aligned_mean": 71.0, "n_counted": 20}],
+            "probe.jsonl": [{"step": 8, "log_odds": -9.0, "misaligned_prob": 0.0001}],  # stale default name: ignored
+        }}},
+        config,
+    )
+    table, _ = build_table([tmp_path / "r"])
+    row = table.set_index("step").loc[8]
+    assert row["probe_log_odds"] == 0.7 and row["misalignment_rate"] == 0.25 and row["aligned_mean"] == 71.0
+
+
+def test_analysis_names_no_run_dir_file_or_state_itself():
+    """The run dir's layout has one owner (em_lightning.rundir): renaming a file there reaches analyze."""
+    import re
+    from pathlib import Path
+
+    import em_lightning.analysis as pkg
+    from em_lightning import rundir
+
+    literals = {v for k, v in vars(rundir).items() if k.isupper() and isinstance(v, str) and k != "UNKNOWN"}
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        strings = set(re.findall(r"[\"']([^\"'\n]+)[\"']", path.read_text()))
+        assert not strings & literals, (path.name, strings & literals)
+
+
+def test_spectral_means_average_only_the_modules_where_a_metric_is_defined(tmp_path):
+    """Issue 14.5: a zero adapter (B = 0) has no entropy or condition number; a module still at zero must not
+    pull the per-step mean towards 0 (whether spectra.py reports it as 0 or as NaN)."""
+    from em_lightning.analysis.table import build_table
+
+    sigma = {"m.q_proj": [2.0, 1.0, 0.0, 0.0], "m.v_proj": [0.0, 0.0, 0.0, 0.0]}
+    _write_run(
+        tmp_path,
+        "r",
+        {0: {"loss": {s: 1.0 for s in range(8)}, "jsonl": {
+            "spectra.jsonl": [{"step": 0, "modules": {k: [0.0] * 4 for k in sigma}}, {"step": 8, "modules": sigma}],
+            "probe.jsonl": [{"step": 0, "log_odds": 0.0}, {"step": 8, "log_odds": 1.0}],
+        }}},
+        _config("adamw", 1e-4),
+    )
+    rows = build_table([tmp_path / "r"])[0].set_index("step")
+    assert rows.loc[8, "stable_rank"] == pytest.approx(5 / 4)  # q_proj's alone, not (5/4 + 0) / 2
+    assert rows.loc[8, "entropy"] == pytest.approx(-(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3))
+    assert rows.loc[0, ["stable_rank", "entropy", "condition_number", "frob_nuclear_ratio"]].isna().all()

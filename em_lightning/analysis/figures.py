@@ -276,7 +276,7 @@ def draw_seed_spread(table: pd.DataFrame, signal: Signal, conditions: list[str])
                    alpha=0.7, label="a seed" if i == 0 else None)
         if np.isfinite(r["ci_low"]):
             ax.errorbar([i + 0.2], [r["mean"]], yerr=[[r["mean"] - r["ci_low"]], [r["ci_high"] - r["mean"]]],
-                        fmt="_", color="k", capsize=3, label="mean ± 95 % t interval" if i == 0 else None)
+                        fmt="D", ms=4, color="k", capsize=3, label="mean ± 95 % t interval" if i == 0 else None)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
     ax.set(xlabel=", ".join(conditions) or "all runs", ylabel=label(signal.rate),
            title="Seed spread per condition")
