@@ -42,7 +42,10 @@ class SpectrumLogger(L.Callback):
         ``{"step", "epoch", "modules": {name: [σ₁, …, σ_r]}, "scale": {name: s}}`` (σ already includes s),
         appended and closed each time, so a crash loses nothing and analysis never parses TensorBoard files.
 
-    An all-zero spectrum (LoRA's start, B = 0) has every metric 0, not NaN.
+    An all-zero spectrum (LoRA's start, B = 0) has norms 0 and NaN ratio metrics (entropy, ranks, condition
+    number, ‖σ‖₂/‖σ‖₁: undefined, see :func:`~em_lightning.spectra.spectral_metrics`). The per-projection and
+    overall means average the modules where a metric is defined (NaN when it is defined for none, as at step 0);
+    TensorBoard stores NaN scalars as they are and shows them as gaps.
 
     Subspace dynamics (``subspace=True``, off by default): at every logged step, how far each module's top-k
     singular subspaces of ΔW turned since the previous logged step of this fit, computed from the factors

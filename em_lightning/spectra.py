@@ -26,8 +26,9 @@ below 1e-7·σ₁ are returned as exactly 0.
 This module is maths on ``(B, A, scale)``; reading those from a peft model (names, active adapters, FSDP) is
 ``em_lightning.lora``'s job.
 
-Everything here is written for the all-zero spectrum of LoRA's first step: metrics are 0 there, penalties are 0 with
-zero gradient, and no log, ratio or square root ever sees a zero (unsafe inputs are replaced *before* the unsafe op,
+Everything here is written for the all-zero spectrum of LoRA's first step: the ratio metrics (entropy, ranks,
+condition number, ‖σ‖₂/‖σ‖₁) are undefined there and read NaN while the norms read 0, penalties are 0 with zero
+gradient, and no log, ratio or square root ever sees a zero (unsafe inputs are replaced *before* the unsafe op,
 because ``torch.where`` after the op still propagates NaN gradients from the unselected branch).
 """
 
@@ -298,6 +299,10 @@ def _entropy(sigma_safe: torch.Tensor) -> torch.Tensor:
     return -torch.where(positive, p_safe * p_safe.log(), torch.zeros_like(p)).sum(-1)
 
 
+RATIO_METRICS = ("entropy", "effective_rank", "stable_rank", "condition_number", "frob_nuclear_ratio")
+"""The metrics of :func:`spectral_metrics` that are ratios of singular values: NaN for an all-zero spectrum."""
+
+
 def spectral_metrics(sigma: torch.Tensor) -> dict[str, torch.Tensor]:
     """Summary statistics of a spectrum ``sigma`` (shape (..., r), non-negative; any order).
 
@@ -308,8 +313,9 @@ def spectral_metrics(sigma: torch.Tensor) -> dict[str, torch.Tensor]:
       * ``condition_number``: σ₁/σ_r, ≥ 1; σ_r is floored at 1e-6·σ₁, so a rank-deficient update reads 1e6.
       * ``frob_nuclear_ratio``: ‖σ‖₂/‖σ‖₁, in [1/√r (flat), 1 (rank one)].
       * ``nuclear_norm``: Σσ.  ``top``: σ₁.  ``frobenius_norm``: ‖σ‖₂.
-    Every metric is 0 for an all-zero spectrum (LoRA's start), a value no non-zero spectrum takes for the ratio
-    metrics, so "not started yet" is visible in plots instead of NaN.
+    For an all-zero spectrum (LoRA's start, B = 0) the norms are 0 and the five ratio metrics are NaN: a ratio of
+    zeros is undefined, and any number there (0 used to be returned) lies outside the metric's range and pulls
+    means, correlations and fits. Average over the defined values (``nanmean``), as the spectrum logger does.
     """
     sigma = sigma.float() if sigma.dtype in (torch.float16, torch.bfloat16) else sigma
     nonzero, s = _safe(sigma)
@@ -328,7 +334,8 @@ def spectral_metrics(sigma: torch.Tensor) -> dict[str, torch.Tensor]:
         "top": top,
         "frobenius_norm": frob,
     }
-    return {k: torch.where(nonzero, v, torch.zeros_like(v)) for k, v in raw.items()}
+    undefined = {k: torch.full_like(v, math.nan) for k, v in raw.items() if k in RATIO_METRICS}
+    return {k: torch.where(nonzero, v, undefined.get(k, torch.zeros_like(v))) for k, v in raw.items()}
 
 
 def _masked(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:

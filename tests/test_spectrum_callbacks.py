@@ -15,7 +15,13 @@ from torch.utils.data import DataLoader
 from em_lightning.callbacks.spectral_penalty import SpectralPenalty
 from em_lightning.callbacks.spectrum_logger import SpectrumLogger
 from em_lightning.lora import iter_lora_modules
-from em_lightning.spectra import PENALTIES, lora_singular_values, mean_penalty, spectral_metrics
+from em_lightning.spectra import (
+    PENALTIES,
+    RATIO_METRICS,
+    lora_singular_values,
+    mean_penalty,
+    spectral_metrics,
+)
 
 SEQ, PROMPT = 24, 8  # every row: 24 tokens, the last 16 supervised (equal counts: per-token means compose exactly)
 
@@ -256,14 +262,46 @@ def test_penalty_is_logged_apart_from_the_task_loss(logged_run):
         expected = by["train/loss"][step] + by["train/spectral_penalty_coeff"][step] * by["train/spectral_penalty"][step]
         assert by["train/loss_total"][step] == pytest.approx(expected, rel=1e-5)
     # The raw penalty of step j is that of the adapter after j updates, which SpectrumLogger wrote for
-    # j = 0, 2, 4: the mean over modules of ‖σ‖₂/‖σ‖₁ of those spectra (0 at B = 0).
+    # j = 0, 2, 4: the mean over modules of the penalty ‖σ‖₂/‖σ‖₁ of those spectra (0 at B = 0). (It used to be
+    # compared with the metric of that name, which was 0 at B = 0 too; the metric is NaN there now, the penalty 0.)
     with open(f"{trainer.log_dir}/spectra.jsonl") as f:
         records = {r["step"]: r["modules"] for r in map(json.loads, f)}
     for step in (0, 2, 4):
         sigma = torch.tensor(list(records[step].values()), dtype=torch.float64)
-        expected = spectral_metrics(sigma)["frob_nuclear_ratio"].mean().item()
+        expected = PENALTIES["frob_nuclear_ratio"](sigma).mean().item()
+        if step:  # the penalty of a non-zero spectrum is the metric
+            assert expected == pytest.approx(spectral_metrics(sigma)["frob_nuclear_ratio"].mean().item(), rel=1e-12)
         assert by["train/spectral_penalty"][step] == pytest.approx(expected, rel=1e-5, abs=1e-12), step
     assert by["train/spectral_penalty"][0] == 0.0 and by["train/spectral_penalty"][4] > 0.5
+
+
+def test_means_over_modules_average_the_defined_modules_only(tmp_path, tiny_module):
+    """Step 0 with one adapter moved off B = 0 (the 13 others all-zero): a ratio metric's overall and q_proj means
+    are that module's value (the undefined NaNs left out), other projections' means and the zero modules' own
+    values are NaN, and norms average over every module (0 counts: a zero norm is defined)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    module = tiny_module()
+    moved = "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():
+        for name, _, B, _, _ in iter_lora_modules(module.model):
+            if name == moved:
+                B.copy_(torch.randn(B.shape, generator=torch.Generator().manual_seed(3)))
+        sigmas = {n: lora_singular_values(B, A, s) for n, _, B, A, s in iter_lora_modules(module.model)}
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="partly_zero")
+    spectrum = SpectrumLogger(every_n_steps=100, log_histograms=False, log_image=False, jsonl=None)
+    _fit(module, _rows(2), 2, [spectrum], logger=logger, max_steps=1)
+
+    scalars = _read(logger.log_dir).scalars
+    at0 = scalars[scalars["step"] == 0].set_index("tag")["value"]
+    own = {k: v.item() for k, v in spectral_metrics(sigmas[moved]).items()}
+    for metric in RATIO_METRICS:
+        assert at0[f"spectra/all/{metric}"] == pytest.approx(own[metric], rel=1e-5), metric
+        assert at0[f"spectra/by_proj/q_proj/{metric}"] == pytest.approx(own[metric], rel=1e-5), metric
+        assert math.isnan(at0[f"spectra/by_proj/k_proj/{metric}"]), metric
+        assert math.isnan(at0[f"spectra/model.layers.1.self_attn.q_proj/{metric}"]), metric
+    assert at0["spectra/all/top"] == pytest.approx(own["top"] / len(sigmas), rel=1e-5)
+    assert at0["spectra/by_proj/k_proj/top"] == 0.0
 
 
 def test_logger_without_tensorboard_still_writes_jsonl(tmp_path, tiny_module):
