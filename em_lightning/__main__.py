@@ -1,4 +1,4 @@
-"""Entry point: ``python -m em_lightning {fit,validate,test,evaluate,sweep,analyze} ...`` (also the
+"""Entry point: ``python -m em_lightning {fit,validate,test,evaluate,rejudge,sweep,analyze} ...`` (also the
 ``em-lightning`` script)."""
 
 from __future__ import annotations
@@ -17,6 +17,14 @@ def main(args: list[str] | None = None):
         from em_lightning.evaluation.cli import main as evaluate
 
         return evaluate(argv[1:])
+    if argv and argv[0] == "direction":
+        from em_lightning.direction import main as direction
+
+        return direction(argv[1:])
+    if argv and argv[0] == "rejudge":
+        from em_lightning.evaluation.rejudge import main as rejudge
+
+        return rejudge(argv[1:])
     if argv and argv[0] == "sweep":
         from em_lightning.sweep.cli import main as sweep
 

@@ -10,8 +10,10 @@ import yaml
 
 from tests.conftest import CONFIGS
 
-# Sweep files are not trainer configs: the sweep tests read them.
-ALL = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") if p.parent.name != "sweeps")
+# Sweep files and judge overlays are not trainer configs: the sweep tests and tests/test_eval_rejudge.py read them.
+ALL = sorted(
+    p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("sweeps", "judges")
+)
 PARSE_ONLY = {"strategy/fsdp1.yaml"}  # Lightning refuses FSDPStrategy on CPU, so it is parsed but not built here
 BASES = {"tiny.yaml", "quickstart.yaml", "paper/qwen3_8b_insecure.yaml"}
 # The base each overlay is made for (its header's command says so); every other overlay goes on tiny.yaml.
