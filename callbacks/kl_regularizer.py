@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from em_lightning.callbacks.loss_term import LossTermCallback
-from em_lightning.side_data import SideChatSet, base_supervised_logits
+from em_lightning.side_data import SideChatSet, base_supervised_logits, global_position_mean
 
 
 def kl_to_base(module, batch: dict) -> torch.Tensor:
@@ -20,15 +20,21 @@ def kl_to_base(module, batch: dict) -> torch.Tensor:
     it); the adapted one from the training forward, differentiable. Both in float32 at least. Exactly 0 while
     every LoRA B is 0.
     """
+    total, n = kl_to_base_sum(module, batch)
+    return total / max(n, 1)
+
+
+def kl_to_base_sum(module, batch: dict) -> tuple[torch.Tensor, int]:
+    """The sum over the supervised positions of ``batch`` of KL(p_base ‖ p_adapted), and their number."""
     base = _at_least_float32(base_supervised_logits(module, batch))
     adapted = _at_least_float32(module.supervised_logits(batch))
     n = adapted.shape[0]
     if n == 0:
-        return adapted.sum() * 0.0
+        return adapted.sum() * 0.0, 0
     log_p = F.log_softmax(base, dim=-1)
     log_q = F.log_softmax(adapted, dim=-1)
     # kl_div(input=log q, target=log p, log_target) = Σ p (log p − log q)
-    return F.kl_div(log_q, log_p, log_target=True, reduction="sum") / n
+    return F.kl_div(log_q, log_p, log_target=True, reduction="sum"), n
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +55,9 @@ class KLRegularizer(LossTermCallback):
 
     Batches: a :class:`~em_lightning.side_data.SideChatSet`, tokenised once in ``setup`` and walked in a seeded
     order, reshuffled every pass; the rows of a step follow from the step alone, so a resumed run picks the same
-    rows. Under DDP each rank takes its own ``batch_size`` rows of the step's ``batch_size × world size``.
+    rows. Under DDP and FSDP2 each rank takes its own ``batch_size`` rows of the step's ``batch_size × world size``,
+    and the term is the mean over all of the step's positions (one all-reduce of two numbers), so N ranks of
+    ``batch_size`` rows give the term of one process of ``N × batch_size`` rows.
 
     ``every_n_steps`` > 1 computes the term on every N-th optimizer step only (its cost too); on the other
     steps the raw term is 0 and not computed and its coefficient is 0, so read ``train/<name>`` where
@@ -102,6 +110,8 @@ class KLRegularizer(LossTermCallback):
         return self.side.collate(self.batch_rows(step, rank, world), device)
 
     def raw(self, module, step: int) -> torch.Tensor:
-        """The raw, differentiable KL at optimizer ``step`` (the module weights and logs it)."""
+        """The raw, differentiable KL at optimizer ``step``, the mean over every rank's positions of the step's
+        rows (the module weights and logs it)."""
         trainer = module.trainer
-        return kl_to_base(module, self.batch(step, trainer.global_rank, trainer.world_size, module.device))
+        batch = self.batch(step, trainer.global_rank, trainer.world_size, module.device)
+        return global_position_mean(module, *kl_to_base_sum(module, batch))

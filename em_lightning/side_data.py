@@ -95,6 +95,32 @@ class SideChatSet:
         return self.collate(self.batch_rows(draw, rank, world), device)
 
 
+def global_position_mean(module, local_sum: torch.Tensor, local_count: int) -> torch.Tensor:
+    """This rank's differentiable term for the mean over **every rank's** positions of a per-position quantity
+    whose sum over this rank's positions is ``local_sum`` (``local_count`` positions).
+
+    Its value is the global mean ``Σ_ranks sum / Σ_ranks count`` on every rank, and its gradient is ``world ×
+    ∇local_sum / Σ count``, so the data-parallel average of the ranks' gradients (DDP and FSDP2 average) is the
+    gradient of the global mean: 2 ranks of B rows give the term of one process of 2B rows, as the task loss's
+    ``step_tokens`` normalisation does, even when the ranks' rows hold different numbers of positions. Collective
+    (one all-reduce of two numbers) when the world is larger than 1: call it on every rank.
+    """
+    world = module.trainer.world_size
+    if world == 1:
+        return local_sum / max(local_count, 1)
+    totals = torch.stack([local_sum.detach().to(torch.float64),
+                          torch.tensor(float(local_count), dtype=torch.float64, device=local_sum.device)])
+    totals = module.trainer.strategy.reduce(totals, reduce_op="sum")
+    others = (totals[0] - world * local_sum.detach().to(torch.float64)).to(local_sum.dtype)
+    return (world * local_sum + others) / totals[1].clamp(min=1).to(local_sum.dtype)
+
+
+def supervised_mask(batch: dict) -> torch.Tensor:
+    """``[rows, seq - 1]``: the positions whose next token is supervised, as :func:`em_lightning.loss.supervised_logits`
+    orders them (a hidden state at position t predicts token t + 1)."""
+    return batch["labels"][:, 1:] != -100
+
+
 def base_supervised_logits(module, batch: dict) -> torch.Tensor:
     """The base model's next-token logits at ``batch``'s supervised positions: the module's own forward path
     (``supervised_logits``) with the adapter disabled, no gradient."""
@@ -108,4 +134,5 @@ def base_block_activations(module, batch: dict, layers: Sequence[int]) -> dict[i
         return module.block_activations(batch, layers, adapter=False)
 
 
-__all__ = ["SideChatSet", "base_block_activations", "base_supervised_logits"]
+__all__ = ["SideChatSet", "base_block_activations", "base_supervised_logits", "global_position_mean",
+           "supervised_mask"]
