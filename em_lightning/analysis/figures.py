@@ -165,10 +165,11 @@ def draw_trajectories(table: pd.DataFrame, signal: Signal, conditions: list[str]
         ax.set_title(opt)
         if len(conds) > 1:
             ax.legend(fontsize=7, title=", ".join(within), title_fontsize=7)
-    for ax in axes[-1]:
-        ax.set_xlabel("log training loss")
-    for ax in axes[:, 0]:
-        ax.set_ylabel(label(signal.score))
+    for i in range(len(opts) - ncols, len(opts)):  # the lowest panel of each column shows its x ticks
+        if i >= 0 and i + ncols >= len(opts):
+            axes.flat[i].xaxis.set_tick_params(labelbottom=True)
+    fig.supxlabel("log training loss")
+    fig.supylabel(label(signal.score))  # one label for the shared axis (a long one per row would overlap)
     fig.suptitle("Paths through loss and alignment along training (arrows: towards later evals)")
     return fig
 

@@ -220,7 +220,7 @@ def _section_anova(s: dict) -> list[str]:
         (
             "Terms: log loss (covariate), the varying factors and their interactions with optimiser; a term "
             "is kept only if every cell of its factors holds ≥ 2 runs and the design matrix keeps full rank. "
-            "`share` is the term's type-II sum of squares over the model's explained sum of squares (in an "
+            "`share_explained` is the term's type-II sum of squares over the model's explained sum of squares (in an "
             "unbalanced design the shares need not add up to 1)."
         ),
         "",
