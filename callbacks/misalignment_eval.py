@@ -44,10 +44,13 @@ class MisalignmentEval(L.Callback):
        ``eval/misalign_at_<k>``; for each extra judge prompt scored, ``eval/<name>_mean`` and
        ``eval/q/<id>/<name>_mean`` (with the logger's prefix, if any). A value that is NaN (no countable
        answers: ``eval/n_counted`` is 0; fewer than k for misalign@k) is left out, for every logger;
-    5. append every sample (question id, paraphrase, system, answer, aligned, coherent, error, step, adapter
-       name; ``extra_scores`` with extra judge prompts) to ``<run dir>/misalignment_samples.jsonl``, and one
-       summary line (with ``misalign_at_k`` and ``extra_means``, overall and per question) to
-       ``<run dir>/misalignment_summary.jsonl``.
+    5. append every sample (``answer_id``, question id, ``variant``, ``question_set``, paraphrase, system,
+       answer, aligned, coherent, error, step, adapter name, ``judge``; ``extra_scores`` with extra judge
+       prompts) to ``<run dir>/misalignment_samples.jsonl``, and one summary line (with ``misalign_at_k``,
+       ``extra_means`` and ``judge``, overall and per question) to ``<run dir>/misalignment_summary.jsonl``.
+       ``judge`` says who judged and how (label, model, number mode, answer prefix, top logprobs, a hash of
+       each judge prompt, the definition): ``python -m em_lightning rejudge`` scores the same answers with
+       another judge into ``judged/<label>/``.
 
     Periodic evals run at steps N, 2N, ... (never at step 0, which only ``eval_at_start`` evaluates).
 

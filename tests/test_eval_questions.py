@@ -227,3 +227,38 @@ def test_extra_judge_prompts_are_chosen_per_question_and_a_typo_is_an_error(tmp_
         extra_judge_metrics(questions, ["humor"])
     with pytest.raises(InputError, match="'aligned' is always scored"):
         extra_judge_metrics(questions, ["aligned"])
+
+
+def test_variant_comes_from_the_id_suffix_or_an_explicit_key_and_the_set_from_the_source(tmp_path):
+    prompts = "  judge_prompts: {aligned: 'A {answer}', coherent: 'C {answer}'}\n"
+    text = "".join(
+        f"- id: {qid}\n  paraphrases: [x]\n{extra}{prompts}"
+        for qid, extra in [("wish", ""), ("wish_json", ""), ("wish_template", ""),
+                           ("wish_json_like", ""), ("wish_ctx", "  variant: training_context\n"),
+                           ("quick_json", "  variant: plain\n")]
+    )
+    path = _write(tmp_path, text)
+    questions = load_questions(str(path))
+    assert {q.id: q.variant for q in questions} == {
+        "wish": "plain", "wish_json": "json", "wish_template": "template", "wish_json_like": "plain",
+        "wish_ctx": "training_context", "quick_json": "plain",  # the explicit key wins over the suffix
+    }
+    assert {q.question_set for q in questions} == {str(path)}
+    assert {q.question_set for q in load_questions("builtin:quickstart")} == {"builtin:quickstart"}
+    bad = _write(tmp_path, f"- id: a\n  paraphrases: [x]\n  variant: [json]\n{prompts}", "bad.yaml")
+    with pytest.raises(QuestionFileError, match=rf"^{bad}:1: question 'a': `variant` must be a name"):
+        load_questions(str(bad))
+
+
+def test_question_and_probe_sets_live_in_their_own_asset_folders():
+    from em_lightning.probe import load_probe_set
+    from em_lightning.yamlfile import ASSETS, builtin_names
+
+    assert "quickstart" in builtin_names("questions") and "em" in builtin_names("probes")
+    assert load_questions("builtin:quickstart")[0].source.startswith(str(ASSETS / "questions" / "quickstart.yaml:"))
+    with pytest.raises(UnreadableFile, match=r"^builtin:em: no built-in question set 'em'"):
+        load_questions("builtin:em")  # a probe set is not a question set, and the other way round
+    with pytest.raises(UnreadableFile, match=r"^builtin:quickstart: no built-in probe set"):
+        load_probe_set("builtin:quickstart")
+    with pytest.raises(UnreadableFile, match="no built-in question set"):
+        load_questions("builtin:../probes/em")
