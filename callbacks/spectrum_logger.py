@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections import defaultdict
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 
+from em_lightning import rundir
 from em_lightning.errors import InputError
 from em_lightning.lora import find_lora_layers, gathered_full_params, iter_lora_modules, uses_fsdp1
-from em_lightning.spectra import (
-    abs_cosine,
-    grouped_singular_subspaces,
-    grouped_singular_values,
-    principal_cosines,
-    spectral_metrics,
-)
-
-SUBSPACE_METRICS = ("subspace_left_cos2", "subspace_right_cos2")
-RANK1_METRICS = ("rank1_A_abs_cos", "rank1_B_abs_cos")
+from em_lightning.spectra import SubspaceTracker, grouped_singular_values, spectral_metrics
+from em_lightning.tb_events import log_histograms, log_scalars, tensorboard_experiment
 
 
 class SpectrumLogger(L.Callback):
@@ -49,7 +40,8 @@ class SpectrumLogger(L.Callback):
 
     Subspace dynamics (``subspace=True``, off by default): at every logged step, how far each module's top-k
     singular subspaces of ΔW turned since the previous logged step of this fit, computed from the factors
-    (:func:`em_lightning.spectra.lora_singular_subspaces`; ΔW is never formed):
+    (:class:`em_lightning.spectra.SubspaceTracker`, from :func:`~em_lightning.spectra.lora_singular_subspaces`; ΔW is
+    never formed):
 
       * ``spectra.jsonl`` lines get ``"subspace_k"``, ``"subspace_prev_step"`` (the step compared with, null
         at the first log) and ``"subspace": {name: {"left": [θ₁, …, θ_k], "right": [θ₁, …, θ_k]}}``, the
@@ -106,7 +98,7 @@ class SpectrumLogger(L.Callback):
     plot ~0.2 s; subspace dynamics (k = 4) about as much again as σ plus ~10 ms of bookkeeping (a loaded
     2-core CPU: +45 ms per log, σ 31 ms there; ``scripts/bench_spectra.py --subspace-only``). TensorBoard gets
     each step's scalars as one event and its histograms as another (one event per value costs ~3× as much);
-    the values are those ``add_scalar`` / ``add_histogram`` write.
+    the values are those ``add_scalar`` / ``add_histogram`` write (:mod:`em_lightning.tb_events`).
 
     Distributed: under DDP only rank zero computes. Under FSDP every rank joins the gathers of the LoRA weights
     (:func:`em_lightning.lora.iter_lora_modules`); rank zero computes and writes. (Both tested on 2 CPU ranks:
@@ -122,7 +114,7 @@ class SpectrumLogger(L.Callback):
         per_module_every_n_steps: int | None = None,
         image_every_n_steps: int | None = None,
         metrics: list[str] | None = None,
-        jsonl: str | None = "spectra.jsonl",
+        jsonl: str | None = rundir.SPECTRA,
         log_at_start: bool = True,
         subspace: bool = False,
         subspace_k: int = 4,
@@ -147,24 +139,18 @@ class SpectrumLogger(L.Callback):
         self.subspace_k = subspace_k
         self._last_step: int | None = None
         self._layers = None  # (model, its LoRA layers): found once, not on every log
-        self._run_dir: Path | None = None  # set in setup, on every rank
-        self._reset_subspaces()
-
-    def _reset_subspaces(self) -> None:
-        # {module names of a shape group: {"sub": LoRASubspaces, "B", "A": rank-1 vectors}} at _subspace_step
-        self._subspaces: dict[tuple[str, ...], dict] = {}
-        self._subspace_step: int | None = None
+        self._run_dir = None  # set in setup, on every rank
+        self._subspaces = SubspaceTracker(subspace_k)  # the previous log's bases; not checkpointed
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer, pl_module, stage):
         # Forget the last fit here, not in on_train_start: Lightning restores a checkpoint's callback state
         # (load_state_dict) after setup and before on_train_start.
+        # The run dir is a collective to ask for (a broadcast from rank zero): here, on every rank, once.
+        self._run_dir = rundir.resolve_run_dir(trainer)
         if stage == "fit":
             self._last_step, self._layers = None, None
-            self._reset_subspaces()  # never checkpointed: a resumed fit starts without them (NaN first)
-            # trainer.log_dir is a collective (a broadcast from rank zero): ask on every rank here, once, not later
-            # on rank zero alone, where the other ranks would never answer.
-            self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            self._subspaces.reset()  # never checkpointed: a resumed fit starts without them (NaN first)
 
     def on_train_start(self, trainer, pl_module):
         # Resuming from a checkpoint taken right after a log: that step's spectrum is already in the first run's file.
@@ -197,89 +183,27 @@ class SpectrumLogger(L.Callback):
             modules = [(n, p, B.detach(), A.detach(), s) for n, p, B, A, s in iter_lora_modules(model, self._layers[1])]
             if not trainer.is_global_zero or not modules:
                 return
-            groups = grouped_singular_values([(B, A, s) for _, _, B, A, s in modules])
-            subspace = self._subspace_dynamics(modules, step) if self.subspace else None
+            factors = [(B, A, s) for _, _, B, A, s in modules]
+            groups = grouped_singular_values(factors)
+            subspace = self._subspaces.update([m[0] for m in modules], factors, step) if self.subspace else None
         names = [m[0] for m in modules]
         projs = [m[1] for m in modules]
         sigmas, metrics = _to_host(groups, len(modules), self.metrics)
         applies = {}
         if subspace is not None:
-            metrics.update(subspace["metrics"])
-            applies = subspace["applies"]
+            metrics.update(subspace.metrics)
+            applies = subspace.applies
         per_module = self.log_per_module and (step % self.per_module_every_n_steps == 0 or final)
         self._write_scalars(trainer, step, names, projs, metrics, per_module, applies)
-        experiment = _tensorboard(trainer)
+        experiment = tensorboard_experiment(trainer)
         if experiment is not None:
             if self.log_histograms:
                 self._write_histograms(experiment, step, names, projs, sigmas, per_module)
             if self.log_image and (step % self.image_every_n_steps == 0 or final):
                 experiment.add_image("spectra/plot", _plot(names, projs, sigmas, step), step, dataformats="HWC")
         if self.jsonl:
-            extra = subspace["jsonl"] if subspace is not None else None
+            extra = subspace.record if subspace is not None else None
             self._write_jsonl(trainer, step, names, sigmas, {m[0]: m[4] for m in modules}, extra)
-
-    def _subspace_dynamics(self, modules, step: int) -> dict:
-        """Principal angles between each module's top-k singular subspaces now and at the previous log (and
-        rank-1 |cos| of A and B), on the adapters' device with one host copy; keeps this step's bases for the
-        next log.
-
-        Returns ``{"metrics": {metric: array over modules}, "applies": {metric: mask of the modules it exists
-        for}, "jsonl": fields for the JSONL line}``.
-        """
-        names = [m[0] for m in modules]
-        previous, current, parts, layout = self._subspaces, {}, [], []
-        for idx, sub in grouped_singular_subspaces([(B, A, s) for _, _, B, A, s in modules], self.subspace_k):
-            key = tuple(names[i] for i in idx)
-            entry, prev = {"sub": sub}, previous.get(key)
-            if prev is not None and prev["sub"].left.shape == sub.left.shape:
-                both = (prev["sub"].defined & sub.defined).unsqueeze(-1)
-                cos = [torch.where(both, principal_cosines(prev["sub"].left, sub.left), math.nan),
-                       torch.where(both, principal_cosines(prev["sub"].right, sub.right), math.nan)]
-            else:
-                cos = [torch.full(sub.defined.shape + (sub.left.shape[-1],), math.nan, dtype=torch.float64,
-                                  device=sub.left.device)] * 2
-            parts += [c.flatten() for c in cos]
-            rank1 = modules[idx[0]][2].shape[-1] == 1
-            if rank1:  # copies (float64): the optimizer updates the parameters in place
-                entry["B"] = torch.stack([modules[i][2][:, 0] for i in idx]).to(torch.float64)
-                entry["A"] = torch.stack([modules[i][3][0] for i in idx]).to(torch.float64)
-                have = prev is not None and "B" in prev and prev["B"].shape == entry["B"].shape
-                nan = torch.full((len(idx),), math.nan, dtype=torch.float64, device=sub.left.device)
-                parts += [abs_cosine(prev[side], entry[side]) if have else nan for side in "AB"]
-            current[key] = entry
-            layout.append((idx, sub.left.shape[-1], rank1))
-        flat = torch.cat(parts).cpu().numpy()
-
-        n = len(modules)
-        metrics = {m: np.full(n, np.nan) for m in SUBSPACE_METRICS + RANK1_METRICS}
-        rank1_mask = np.zeros(n, dtype=bool)
-        per_module: dict[str, dict] = {}
-        pos = 0
-        for idx, k, rank1 in layout:
-            sides = []
-            for _ in range(2):
-                sides.append(flat[pos: pos + len(idx) * k].reshape(len(idx), k))
-                pos += len(idx) * k
-            for metric, cos in zip(SUBSPACE_METRICS, sides):
-                metrics[metric][idx] = np.square(cos).mean(-1)  # NaN rows stay NaN
-            left, right = (_angles(cos) for cos in sides)
-            for j, i in enumerate(idx):
-                per_module[names[i]] = {"left": left[j], "right": right[j]}
-            if rank1:
-                rank1_mask[idx] = True
-                for metric, field in zip(RANK1_METRICS, ("A_abs_cos", "B_abs_cos")):
-                    values = flat[pos: pos + len(idx)]
-                    pos += len(idx)
-                    metrics[metric][idx] = values
-                    for j, i in enumerate(idx):
-                        per_module[names[i]][field] = _number(values[j])
-        jsonl = {"subspace_k": self.subspace_k, "subspace_prev_step": self._subspace_step,
-                 "subspace": {name: per_module[name] for name in names}}  # module order, like "modules"
-        self._subspaces, self._subspace_step = current, step
-        if not rank1_mask.any():
-            for metric in RANK1_METRICS:
-                del metrics[metric]
-        return {"metrics": metrics, "applies": {m: rank1_mask for m in RANK1_METRICS}, "jsonl": jsonl}
 
     def _write_scalars(self, trainer, step, names, projs, metrics, per_module, applies=None):
         """Scalars per module (``per_module``), per projection and overall; a metric named in ``applies``
@@ -299,17 +223,7 @@ class SpectrumLogger(L.Callback):
                     scalars[f"spectra/by_proj/{proj}/{metric}"] = _mean(values[idx] if mask is None else
                                                                         values[idx][mask[idx]])
             scalars[f"spectra/all/{metric}"] = _mean(values if mask is None else values[mask])
-        for logger in trainer.loggers:
-            writer = _one_event_writer(logger)
-            if writer is None:
-                logger.log_metrics(scalars, step=step)
-                continue
-            # log_metrics writes one event per scalar (~1700 on SmolLM2 with per-module scalars, ~75 ms on a CPU
-            # core); one event holds them all. Same tags (with the logger's prefix, as log_metrics adds it), values.
-            from lightning.fabric.utilities.logger import _add_prefix
-
-            tagged = _add_prefix(scalars, getattr(logger, "_prefix", ""), logger.LOGGER_JOIN_CHAR)
-            _write_one_event(writer, step, scalars=tagged)
+        log_scalars(trainer, scalars, step)
 
     def _write_histograms(self, experiment, step, names, projs, sigmas, per_module):
         by_proj = defaultdict(list)
@@ -321,15 +235,9 @@ class SpectrumLogger(L.Callback):
         for proj, group in by_proj.items():
             histograms[f"spectra/by_proj/{proj}/sigma"] = np.concatenate(group)
         histograms["spectra/all/sigma"] = np.concatenate(sigmas)
-        if _is_torch_writer(experiment):
-            _write_one_event(experiment, step, histograms=histograms)
-        else:
-            for tag, x in histograms.items():
-                experiment.add_histogram(tag, x, step)
+        log_histograms(experiment, histograms, step)
 
     def _write_jsonl(self, trainer, step, names, sigmas, scales, extra=None):
-        run_dir = self._run_dir or Path(trainer.log_dir or trainer.default_root_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         record = {
             "step": step,
             "epoch": trainer.current_epoch,
@@ -337,8 +245,9 @@ class SpectrumLogger(L.Callback):
             "scale": scales,
             **(extra or {}),
         }
-        with open(run_dir / self.jsonl, "a") as f:  # open/close per line: a crash keeps every finished step
-            f.write(json.dumps(record) + "\n")
+        if self._run_dir is None:
+            raise RuntimeError("SpectrumLogger.log_spectra before setup: the run dir is resolved there")
+        rundir.append_jsonl(self._run_dir / self.jsonl, [record])  # whole lines: a crash keeps every finished step
 
     def state_dict(self):
         return {"last_step": self._last_step}
@@ -352,68 +261,6 @@ def _mean(values: np.ndarray) -> float:
     """Mean of the non-NaN values (the plain mean when there is no NaN); NaN if none."""
     values = values[~np.isnan(values)]
     return float(values.mean()) if values.size else math.nan
-
-
-def _number(x) -> float | None:
-    """A float for JSON (6 significant digits), None for NaN (JSON has no NaN)."""
-    return None if math.isnan(x) else float(f"{x:.6g}")
-
-
-def _angles(cos: np.ndarray) -> list[list[float] | None]:
-    """Principal angles in degrees (rounded to 1e-4°), ascending, from rows of their cosines (descending);
-    None for a row that is undefined (NaN). Vectorised: ~1700 values on SmolLM2."""
-    degrees = np.round(np.degrees(np.arccos(np.clip(cos, 0.0, 1.0))), 4).tolist()
-    return [None if undefined else row for row, undefined in zip(degrees, np.isnan(cos).any(-1))]
-
-
-def _tensorboard(trainer):
-    """The SummaryWriter of the first TensorBoard logger, or None (histograms and images are TensorBoard-only)."""
-    for logger in trainer.loggers:
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_histogram") and hasattr(experiment, "add_image"):
-            return experiment
-    return None
-
-
-def _is_torch_writer(experiment) -> bool:
-    from torch.utils.tensorboard import SummaryWriter
-
-    return isinstance(experiment, SummaryWriter)
-
-
-def _one_event_writer(logger):
-    """The SummaryWriter of ``logger`` if it is Lightning's TensorBoardLogger on torch's writer, else None."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    if isinstance(logger, TensorBoardLogger) and _is_torch_writer(logger.experiment):
-        return logger.experiment
-    return None
-
-
-def _write_one_event(writer, step: int, scalars: dict[str, float] | None = None,
-                     histograms: dict[str, np.ndarray] | None = None) -> None:
-    """Write many scalars or histograms to a torch ``SummaryWriter`` as a single TensorBoard event at ``step``.
-
-    The values are the protos ``add_scalar`` (``simple_value``) and ``add_histogram`` (its default bins) make, and
-    TensorBoard and tbparse read every value of an event, so the data are the same as one call per tag, without the
-    per-event cost (a proto, a queue entry and a record each): per-module output on SmolLM2 (1680 scalars, 210
-    histograms) takes ~40 ms instead of ~135 ms on a CPU core. The values are added in place (``value.add``) rather
-    than built as a list of messages first: thousands of live Python messages trigger garbage collections, and a
-    full collection in a training process costs ~0.2 s.
-    """
-    from tensorboard.compat.proto.summary_pb2 import Summary
-    from torch.utils.tensorboard.summary import make_histogram
-
-    summary = Summary()
-    add = summary.value.add
-    for tag, value in (scalars or {}).items():
-        add(tag=tag, simple_value=float(value))
-    if histograms:
-        # as an array once: np.histogram converts the ~1500-entry list on every call otherwise (~3x the time)
-        bins = np.asarray(writer.default_bins, dtype=np.float64)
-        for tag, x in histograms.items():
-            add(tag=tag, histo=make_histogram(np.asarray(x, dtype=np.float64), bins))
-    writer._get_file_writer().add_summary(summary, step)  # recreates the file writer if closed
 
 
 def _to_host(groups, n_modules: int, wanted: list[str] | None):

@@ -279,6 +279,124 @@ def abs_cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, cos.clamp(max=1.0), torch.full_like(cos, math.nan))
 
 
+SUBSPACE_METRICS = ("subspace_left_cos2", "subspace_right_cos2")
+"""Per adapter: mean cos² of the k principal angles between its top-k left (output) / right (input) singular
+subspaces now and at the previous tracked step (1: unchanged, 0: orthogonal)."""
+RANK1_METRICS = ("rank1_A_abs_cos", "rank1_B_abs_cos")
+"""Per rank-1 adapter: |cos| between its A (B) vector now and at the previous tracked step."""
+
+
+class SubspaceStep(NamedTuple):
+    """What :meth:`SubspaceTracker.update` found at one step, on the host.
+
+    ``metrics``: {metric: float64 array over the adapters} (NaN where undefined); ``applies``: {metric: bool mask
+    of the adapters it exists for} (the rank-1 metrics); ``record``: fields for a JSONL line, ``subspace_k``,
+    ``subspace_prev_step`` and ``subspace: {name: {"left": [θ₁…θ_k] | None, "right": …, ("A_abs_cos",
+    "B_abs_cos")}}``, principal angles in degrees.
+    """
+
+    metrics: dict
+    applies: dict
+    record: dict
+
+
+class SubspaceTracker:
+    """How far each adapter's top-k singular subspaces of ΔW (and, for rank 1, its A and B vectors) turned since
+    the previous :meth:`update`, from the factors (:func:`lora_singular_subspaces`; ΔW is never formed).
+
+    Keeps the previous step's bases (8·k·(d_out + d_in) bytes per adapter, on the adapters' device) and nothing
+    else; :meth:`reset` forgets them, so the next values are NaN. Adapters are matched by the names of their
+    shape group (the same modules give the same groups every step).
+    """
+
+    def __init__(self, k: int):
+        self.k = k
+        self.reset()
+
+    def reset(self) -> None:
+        # {module names of a shape group: {"sub": LoRASubspaces, "B", "A": rank-1 vectors}} at self.step
+        self._previous: dict[tuple[str, ...], dict] = {}
+        self.step: int | None = None
+
+    def update(self, names: list[str], factors: list[tuple[torch.Tensor, torch.Tensor, float]],
+               step: int) -> SubspaceStep:
+        """Principal angles between each adapter's top-k subspaces now and at the previous update (and rank-1
+        |cos| of A and B), computed on the adapters' device with one host copy; keeps this step's bases."""
+        import numpy as np
+
+        current, parts, layout = {}, [], []
+        for idx, sub in grouped_singular_subspaces(factors, self.k):
+            key = tuple(names[i] for i in idx)
+            entry, prev = {"sub": sub}, self._previous.get(key)
+            parts += [c.flatten() for c in _subspace_cosines(prev, sub)]
+            rank1 = factors[idx[0]][0].shape[-1] == 1
+            if rank1:  # copies (float64): the optimizer updates the parameters in place
+                entry["B"] = torch.stack([factors[i][0][:, 0] for i in idx]).to(torch.float64)
+                entry["A"] = torch.stack([factors[i][1][0] for i in idx]).to(torch.float64)
+                have = prev is not None and "B" in prev and prev["B"].shape == entry["B"].shape
+                nan = torch.full((len(idx),), math.nan, dtype=torch.float64, device=sub.left.device)
+                parts += [abs_cosine(prev[side], entry[side]) if have else nan for side in "AB"]
+            current[key] = entry
+            layout.append((idx, sub.left.shape[-1], rank1))
+        flat = torch.cat(parts).cpu().numpy()
+
+        n = len(names)
+        metrics = {m: np.full(n, np.nan) for m in SUBSPACE_METRICS + RANK1_METRICS}
+        rank1_mask = np.zeros(n, dtype=bool)
+        per_module: dict[str, dict] = {}
+        pos = 0
+        for idx, k, rank1 in layout:
+            sides = []
+            for _ in range(2):
+                sides.append(flat[pos: pos + len(idx) * k].reshape(len(idx), k))
+                pos += len(idx) * k
+            for metric, cos in zip(SUBSPACE_METRICS, sides):
+                metrics[metric][idx] = np.square(cos).mean(-1)  # NaN rows stay NaN
+            left, right = (_angles(cos) for cos in sides)
+            for j, i in enumerate(idx):
+                per_module[names[i]] = {"left": left[j], "right": right[j]}
+            if rank1:
+                rank1_mask[idx] = True
+                for metric, field in zip(RANK1_METRICS, ("A_abs_cos", "B_abs_cos")):
+                    values = flat[pos: pos + len(idx)]
+                    pos += len(idx)
+                    metrics[metric][idx] = values
+                    for j, i in enumerate(idx):
+                        per_module[names[i]][field] = _number(values[j])
+        record = {"subspace_k": self.k, "subspace_prev_step": self.step,
+                  "subspace": {name: per_module[name] for name in names}}  # adapter order
+        self._previous, self.step = current, step
+        if not rank1_mask.any():
+            for metric in RANK1_METRICS:
+                del metrics[metric]
+        return SubspaceStep(metrics, {m: rank1_mask for m in RANK1_METRICS}, record)
+
+
+def _subspace_cosines(prev: dict | None, sub: LoRASubspaces) -> list[torch.Tensor]:
+    """[left, right] principal cosines (batch, k) between ``prev``'s bases and ``sub``'s; NaN rows where either
+    is undefined or there is no previous step of this shape."""
+    if prev is not None and prev["sub"].left.shape == sub.left.shape:
+        both = (prev["sub"].defined & sub.defined).unsqueeze(-1)
+        return [torch.where(both, principal_cosines(prev["sub"].left, sub.left), math.nan),
+                torch.where(both, principal_cosines(prev["sub"].right, sub.right), math.nan)]
+    return [torch.full(sub.defined.shape + (sub.left.shape[-1],), math.nan, dtype=torch.float64,
+                       device=sub.left.device)] * 2
+
+
+def _number(x) -> float | None:
+    """A float for JSON (6 significant digits), None for NaN (JSON has no NaN)."""
+    return None if math.isnan(x) else float(f"{x:.6g}")
+
+
+def _angles(cos) -> list[list[float] | None]:
+    """Principal angles in degrees (rounded to 1e-4°), ascending, from rows of their cosines (a numpy array,
+    descending); None for a row that is undefined (NaN). Vectorised: ~1700 values on SmolLM2."""
+    import numpy as np
+
+    degrees = np.round(np.degrees(np.arccos(np.clip(cos, 0.0, 1.0))), 4).tolist()
+    return [None if undefined else row for row, undefined in zip(degrees, np.isnan(cos).any(-1))]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # metrics (for logging) and penalties (for the loss)
 # --------------------------------------------------------------------------------------------------------------------

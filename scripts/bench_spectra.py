@@ -257,6 +257,7 @@ def bench_subspace(args) -> None:
                 tb = TensorBoardLogger(tmp, name=f"c{per_module}{subspace}")
                 trainer = SimpleNamespace(global_step=0, current_epoch=0, is_global_zero=True, loggers=[tb],
                                           log_dir=tb.log_dir, default_root_dir=tmp)
+                logger.setup(trainer, model, "fit")  # where its spectra.jsonl goes, as a Trainer would
 
                 def log(logger=logger, trainer=trainer):
                     trainer.global_step += 1

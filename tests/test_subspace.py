@@ -16,6 +16,7 @@ import torch
 from em_lightning.callbacks.spectrum_logger import SpectrumLogger
 from em_lightning.lora import iter_lora_modules
 from em_lightning.spectra import (
+    SubspaceTracker,
     abs_cosine,
     grouped_singular_subspaces,
     lora_singular_subspaces,
@@ -106,6 +107,27 @@ def test_planted_rotation_of_the_output_or_input_space_gives_its_angles(side):
     expected = torch.tensor([0.0, 0.0, 30.0, 50.0], dtype=torch.float64)
     torch.testing.assert_close(moved, expected, atol=ANGLE_TOL, rtol=0)
     assert still.abs().max() < ANGLE_TOL, still
+
+
+def test_tracker_reports_the_turn_since_its_previous_update_and_forgets_on_reset():
+    """SubspaceTracker (what the logger calls): first update NaN (nothing before it), then the planted 30° turn
+    of the output side against the previous update's bases as angles and mean cos², with the step compared with;
+    after reset the next update is NaN again."""
+    B, A, U, _ = _planted()
+    B1 = _rotation(U.shape[0], [(U[:, 0], U[:, 6], 30.0)]) @ B
+    tracker = SubspaceTracker(k=2)
+    first = tracker.update(["m"], [(B, A, 1.0)], step=0)
+    assert first.record["subspace_prev_step"] is None and first.record["subspace"]["m"]["left"] is None
+    assert np.isnan(first.metrics["subspace_left_cos2"]).all()
+    turned = tracker.update(["m"], [(B1, A, 1.0)], step=5)
+    assert turned.record["subspace_prev_step"] == 0 and turned.record["subspace_k"] == 2
+    assert turned.record["subspace"]["m"]["left"] == pytest.approx([0.0, 30.0], abs=ANGLE_TOL)
+    assert turned.record["subspace"]["m"]["right"] == pytest.approx([0.0, 0.0], abs=ANGLE_TOL)
+    cos2 = (1 + math.cos(math.radians(30.0)) ** 2) / 2
+    assert turned.metrics["subspace_left_cos2"][0] == pytest.approx(cos2, abs=1e-9)
+    assert "rank1_A_abs_cos" not in turned.metrics  # no rank-1 adapter
+    tracker.reset()
+    assert np.isnan(tracker.update(["m"], [(B1, A, 1.0)], step=6).metrics["subspace_right_cos2"]).all()
 
 
 def test_rotation_within_the_span_turns_the_top_k_but_not_the_whole_span():
