@@ -13,7 +13,7 @@ on the host when the step is formed, so no collective is needed) and its place i
 With mixed-in data (``data.mix``, :mod:`em_lightning.mixing`) a step's ``G`` rows are its narrow rows plus the
 mixed rows the schedule gives that step, joined before the split, so the split still does not change what a step
 trains on. An epoch is one pass over the narrow rows; the narrow rows per step vary by the schedule's rounding,
-so epochs may differ in length by a step (the loader tells Lightning each epoch's length).
+so epochs may differ in length by a step (``ChatDataModule`` has Lightning reload the loader every epoch).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import random
 import warnings
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -287,27 +286,17 @@ class ResumableDataLoader(DataLoader):
     Lightning saves ``state_dict()`` (epoch and micro-batches handed out) with the loop state; after
     ``load_state_dict`` the next iteration of the same epoch skips the micro-batches already trained on, so a run
     resumed from a mid-epoch checkpoint sees the same batch at the next step as an uninterrupted run.
-
-    Lightning measures an epoch's length once, when fit starts. With mixed-in data epochs may differ by a step,
-    so when ``trainer`` is given the loader sets the fit loop's epoch length at the start of each epoch: a longer
-    epoch would otherwise be cut short, a shorter one would end without its last optimizer step.
     """
 
     _resume: tuple[int, int] | None = None
     _handed_out: int = 0
 
-    def __init__(self, dataset: TokenizedDataset, sampler: StepSampler, collate_fn, num_workers: int = 0,
-                 trainer=None):
+    def __init__(self, dataset: TokenizedDataset, sampler: StepSampler, collate_fn, num_workers: int = 0):
         # batch_size=None: the sampler yields whole micro-batches (MicroBatch), which the dataset resolves.
         super().__init__(dataset, batch_size=None, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers)
-        self._trainer = weakref.ref(trainer) if trainer is not None else None
 
     def __iter__(self):
         sampler = self.sampler
-        trainer = self._trainer() if self._trainer is not None else None
-        if trainer is not None and sampler.schedule is not None and trainer.limit_train_batches == 1.0 \
-                and isinstance(trainer.limit_train_batches, float):
-            trainer.fit_loop.max_batches = len(self)  # this epoch's length (see the class doc)
         skip = 0
         if self._resume is not None:
             epoch, done = self._resume

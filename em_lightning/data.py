@@ -497,10 +497,17 @@ class ChatDataModule(lightning.LightningDataModule):
         )
         if sampler.schedule is not None:
             self._count_mixed_rows(sampler)
-        return ResumableDataLoader(self.train_set, sampler, self._collator(), self.num_workers, trainer)
+            if trainer is not None:
+                # Epochs differ in length by a step, and Lightning measures a loader's length when it loads it
+                # (a longer epoch would be cut short): its own way for such loaders is to reload every epoch.
+                trainer.reload_dataloaders_every_n_epochs = 1
+                sampler.set_epoch(trainer.current_epoch)  # the length Lightning reads now is this epoch's
+        return ResumableDataLoader(self.train_set, sampler, self._collator(), self.num_workers)
 
     def _count_mixed_rows(self, sampler: StepSampler) -> None:
         """The data summary's mixed counts for this global batch: steps of epoch 0 and each set's rows in it."""
+        if self.summary["train"].get("global_batch") == sampler.global_batch_size:
+            return  # a reload at a new epoch
         full, short = sampler.epoch_plan(0)
         steps = len(full) + (1 if short else 0)
         self.summary["train"]["steps_per_epoch"] = steps
