@@ -97,7 +97,7 @@ def check_hub_model(name: str) -> None:
         raise InputError(f"{what} (offline: HF_HUB_OFFLINE is set)")
     try:
         HfApi().model_info(name, timeout=10)
-    except Exception as err:  # not found, gated, no connection: all say the same to the user
+    except Exception as err:  # noqa: BLE001 - not found, gated, no connection (httpx's own types): one message
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{what}; the hub did not provide it ({reason[:200]})") from None
 
