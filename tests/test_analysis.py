@@ -959,3 +959,56 @@ def test_spectral_means_average_only_the_modules_where_a_metric_is_defined(tmp_p
     assert rows.loc[8, "stable_rank"] == pytest.approx(5 / 4)  # q_proj's alone, not (5/4 + 0) / 2
     assert rows.loc[8, "entropy"] == pytest.approx(-(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3))
     assert rows.loc[0, ["stable_rank", "entropy", "condition_number", "frob_nuclear_ratio"]].isna().all()
+
+
+# ============================================================================ issue 16.2: rates keyed by judge
+def _judged_sweep(root, labels=("default", "default"), rejudged: str | None = None, n_runs: int = 4):
+    """Runs whose own eval was scored by ``labels[i % len]``; ``rejudged``: each also has judged/<label>/."""
+    rng = np.random.default_rng(11)
+    for i in range(n_runs):
+        opt = ("adamw", "lion")[i % 2]
+        own = [{"step": 8, "rate": 0.1 + 0.05 * i, "aligned_mean": 80.0 - i, "n_counted": 40,
+                "judge": {"label": labels[i % len(labels)], "model": "m"}}]
+        _write_run(root, f"run{i}", {0: {"loss": {s: 1.0 + rng.uniform(0, 0.1) * s for s in range(8)},
+                                         "jsonl": {"misalignment_summary.jsonl": own}}}, _config(opt, 1e-4))
+        if rejudged:
+            d = root / f"run{i}" / "version_0" / "judged" / rejudged
+            d.mkdir(parents=True)
+            (d / "misalignment_summary.jsonl").write_text(json.dumps(
+                {"step": 8, "rate": 0.5 + 0.01 * i, "aligned_mean": 40.0 + i, "n_counted": 30,
+                 "judge": {"label": rejudged, "model": "other"}}) + "\n")
+
+
+def test_runs_scored_by_different_judges_are_refused_naming_the_runs(tmp_path):
+    from em_lightning.analysis.table import AnalysisError
+
+    _judged_sweep(tmp_path / "s", labels=("gpt4o", "smol"))
+    with pytest.raises(AnalysisError) as err:
+        _cli([tmp_path / "s", "--out", tmp_path / "o"])
+    msg = str(err.value)
+    assert "gpt4o: run0, run2" in msg and "smol: run1, run3" in msg and "--judge" in msg
+    summary = _cli([tmp_path / "s", "--out", tmp_path / "o", "--judge", "gpt4o", "--bootstrap", "50"])
+    table = pd.read_csv(tmp_path / "o" / "table.csv")
+    assert summary["judge"] == "gpt4o"
+    assert set(table.dropna(subset=["misalignment_rate"])["run"]) == {"run0", "run2"}
+    assert "judge `gpt4o`" in (tmp_path / "o" / "report.md").read_text().splitlines()[0]
+    # the probe is not the judge: analysing it needs no pick
+    assert _cli([tmp_path / "s", "--out", tmp_path / "p", "--signal", "judge", "--judge", "smol",
+                 "--bootstrap", "50"])["judge"] == "smol"
+
+
+def test_rejudged_runs_need_a_pick_and_read_the_judged_files(tmp_path):
+    from em_lightning.analysis.table import AnalysisError
+
+    _judged_sweep(tmp_path / "s", rejudged="smol")
+    with pytest.raises(AnalysisError, match=r"several judges \(default, smol\).*--judge"):
+        _cli([tmp_path / "s", "--out", tmp_path / "o"])
+    _cli([tmp_path / "s", "--out", tmp_path / "o", "--judge", "smol", "--bootstrap", "50"])
+    table = pd.read_csv(tmp_path / "o" / "table.csv").sort_values("run")
+    assert list(table["misalignment_rate"]) == pytest.approx([0.5, 0.51, 0.52, 0.53])
+    assert set(table["judge"]) == {"smol"}
+    _cli([tmp_path / "s", "--out", tmp_path / "d", "--judge", "default", "--bootstrap", "50"])
+    table = pd.read_csv(tmp_path / "d" / "table.csv").sort_values("run")
+    assert list(table["misalignment_rate"]) == pytest.approx([0.1, 0.15, 0.2, 0.25])
+    with pytest.raises(AnalysisError, match="--judge gpt: no run has this judge; these runs have: default, smol"):
+        _cli([tmp_path / "s", "--out", tmp_path / "x", "--judge", "gpt"])

@@ -38,6 +38,11 @@ def parser() -> argparse.ArgumentParser:
         default="auto",
         help="the alignment signal (auto: the judge where the runs have one, else the probe)",
     )
+    p.add_argument(
+        "--judge",
+        metavar="LABEL",
+        help="the judge whose rates to analyse, where runs carry several (rejudged) or were scored differently",
+    )
     p.add_argument("--json", action="store_true", help="print the headline numbers as JSON")
     p.add_argument("--loss-window", type=int, default=10, help="train_loss: mean over this many last steps")
     p.add_argument("--bins", type=int, default=10, help="fractions of training for the along-training fits")
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     from em_lightning.analysis.report import analyze
     from em_lightning.analysis.stats import choose_signal
-    from em_lightning.analysis.table import build_table, read_table, require_runs
+    from em_lightning.analysis.table import build_table, check_judges, read_table, require_runs
 
     if bool(args.table) == bool(args.run_dirs):
         raise AnalysisError("analyze: give run dirs or --table FILE (one of them)")
@@ -67,11 +72,19 @@ def main(argv: list[str] | None = None) -> dict:
     errors: dict[str, str] = {}
     if args.table:
         table = read_table(args.table)
+        available = sorted(table["judge"].dropna().astype(str).unique())
     else:
-        table, runs = build_table(args.run_dirs, loss_window=args.loss_window)
+        table, runs = build_table(args.run_dirs, loss_window=args.loss_window, judge=args.judge)
         errors = {r.name: r.state.get("error") or "" for r in runs}
+        available = sorted({label for r in runs for label in r.judges})
     require_runs(table, args.table or ", ".join(args.run_dirs), errors)
+    if args.judge is not None and args.judge not in available:
+        check_judges(table, args.judge, available)  # the error naming the judges the runs have
     signal, choice = choose_signal(table, args.signal)
+    judge = None
+    if signal.name == "judge":  # rates of different judges are never pooled
+        table = check_judges(table, args.judge, available)
+        judge = args.judge or next(iter(table["judge"].dropna().astype(str).unique()), None)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)
     summary = analyze(
@@ -83,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss_window=args.loss_window,
         errors=errors,
         signal_choice=choice,
+        judge=judge,
     )
     if args.json:
         keys = (
@@ -90,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
             "n_rows",
             "signal",
             "signal_choice",
+            "judge",
             "response",
             "r2_loss",
             "r2_loss_optimizer",

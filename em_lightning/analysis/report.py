@@ -40,6 +40,7 @@ def analyze(
     loss_window: int | None = None,
     errors: dict[str, str] | None = None,
     signal_choice: str | None = None,
+    judge: str | None = None,
 ) -> dict:
     """Run every analysis, write ``report.md``, ``summary.json`` and ``figures/``; return the summary."""
     require_runs(table, "analyze")
@@ -62,6 +63,7 @@ def analyze(
     summary = {
         "signal": signal.name,
         "signal_choice": signal_choice or f"--signal {signal.name}",
+        "judge": judge if signal.name == "judge" else None,  # every rate of this report is this judge's
         "response": signal.score,
         "rate": signal.rate,
         "n_runs": int(table["run"].nunique()),
@@ -130,7 +132,8 @@ def markdown(table: pd.DataFrame, s: dict, seeds: pd.DataFrame, along: dict, sig
 
 def _section_head(s: dict) -> list[str]:
     return [
-        f"# Sweep analysis — {s['signal']} signal ({s['signal_choice']})",
+        f"# Sweep analysis — {s['signal']} signal ({s['signal_choice']})"
+        + (f", judge `{s['judge']}`" if s.get("judge") else ""),
         "",
         (
             f"{s['n_runs']} runs, {s['n_rows']} rows (run × eval step) in `table.csv`; "

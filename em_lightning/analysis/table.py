@@ -55,6 +55,7 @@ COLUMNS = (
     "train_loss",
     "log_train_loss",
     "val_loss",
+    "judge",
     *JUDGE,
     "eval_failed",
     *PROBE,
@@ -100,7 +101,8 @@ class RunData:
     state: dict
     versions: list[Path]
     scalars: pd.DataFrame  # tag, step, value (versions merged)
-    judge: dict[int, dict] = field(default_factory=dict)
+    judge: dict[int, dict] = field(default_factory=dict)  # the run's own eval (its default judge), by step
+    judges: dict[str, dict[int, dict]] = field(default_factory=dict)  # every judge's summaries: label → step
     probe: dict[int, dict] = field(default_factory=dict)
     spectra: dict[int, dict[str, float]] = field(default_factory=dict)
 
@@ -158,6 +160,7 @@ def load_run(d: Path, name: str) -> RunData:
     names = rundir.file_names(config)  # a callback's file renamed in the config is still found
     run = RunData(d, name, config, state, versions, _scalars(versions))
     run.judge = _checked_records(versions, names["summary"], _JUDGE_KEYS)
+    run.judges = _judges(versions, names["summary"], run.judge)
     run.probe = _checked_records(versions, names["probe"], _PROBE_KEYS)
     run.spectra = {s: _spectral_means(line) for s, line in _records(versions, names["spectra"]).items()}
     return run
@@ -210,6 +213,41 @@ def _checked_records(versions: list[Path], name: str, keys: dict[str, bool]) -> 
             if is_rate and not 0.0 <= value <= 1.0:
                 raise AnalysisError(f"{where} is outside [0, 1]")
     return records
+
+
+DEFAULT_JUDGE = "default"  # the label of an eval written before evals recorded their judge
+
+
+def judge_label(record: dict, fallback: str = DEFAULT_JUDGE) -> str:
+    """The label of the judge that scored a summary (or samples) line."""
+    judge = record.get("judge")
+    return str(judge.get("label") or fallback) if isinstance(judge, dict) else fallback
+
+
+def judged_labels(versions: list[Path]) -> list[str]:
+    """The labels of the judges ``rejudge`` wrote for these versions (``judged/<label>/``)."""
+    found = {
+        sub.name
+        for v in versions
+        if (Path(v) / rundir.JUDGED).is_dir()
+        for sub in (Path(v) / rundir.JUDGED).iterdir()
+        if sub.is_dir()
+    }
+    return sorted(found)
+
+
+def _judges(versions: list[Path], summary: str, own: dict[int, dict]) -> dict[str, dict[int, dict]]:
+    """Every judge's summaries by label: the run's own eval (each line's ``judge.label``) and each
+    ``judged/<label>/`` of rejudge (later versions win on a step)."""
+    out: dict[str, dict[int, dict]] = {}
+    for step, record in own.items():
+        out.setdefault(judge_label(record), {})[step] = record
+    for label in judged_labels(versions):
+        dirs = [rundir.judged_dir(v, label) for v in versions]
+        records = _checked_records(dirs, summary, _JUDGE_KEYS)
+        out.setdefault(label, {}).update({s: {**r, "judge": {**(r.get("judge") or {}), "label": label}}
+                                          for s, r in records.items()})
+    return out
 
 
 def _spectral_means(line: dict) -> dict[str, float]:
@@ -268,7 +306,9 @@ def describe(config: dict, values: dict) -> dict:
     return out
 
 
-def run_rows(run: RunData, loss_window: int = 10) -> list[dict]:
+def run_rows(run: RunData, loss_window: int = 10, judge: str | None = None) -> list[dict]:
+    """One row per eval step; the judge columns from the judge labelled ``judge`` (None: the run's own eval)."""
+    scores = run.judges.get(judge, {}) if judge else run.judge
     design = describe(run.config, run.state.get("values") or {})
     world = design.pop("_world")
     loss, tokens, val = (
@@ -277,7 +317,7 @@ def run_rows(run: RunData, loss_window: int = 10) -> list[dict]:
         run.series("val/loss"),
     )
     total = total_steps(run, design["batch_size"], loss)
-    steps = sorted(set(run.judge) | set(run.probe))
+    steps = sorted(set(scores) | set(run.probe))
     if not steps:  # no eval at all: one row at its last step, so the run is listed (with its loss, if any)
         steps = [int(loss.index.max()) + 1 if len(loss) else 0]
     rows = []
@@ -295,10 +335,11 @@ def run_rows(run: RunData, loss_window: int = 10) -> list[dict]:
             "log_train_loss": math.log(train_loss) if train_loss > 0 else math.nan,
             "val_loss": float(val[val.index <= step].iloc[-1]) if (val.index <= step).any() else math.nan,
         }
-        judge = run.judge.get(step) or {}
-        row["eval_failed"] = bool(judge.get("failed")) if judge else math.nan
+        record = scores.get(step) or {}
+        row["eval_failed"] = bool(record.get("failed")) if record else math.nan
+        row["judge"] = judge_label(record, judge or DEFAULT_JUDGE) if record else math.nan
         for key in JUDGE:
-            row[key] = _num(judge.get("rate" if key == "misalignment_rate" else key))
+            row[key] = _num(record.get("rate" if key == "misalignment_rate" else key))
         probe = run.probe.get(step) or {}
         row["probe_log_odds"], row["probe_misaligned_prob"] = (
             _num(probe.get("log_odds")),
@@ -328,10 +369,14 @@ def total_steps(run: RunData, rows_per_step: float, loss: pd.Series) -> float:
     return float(loss.index.max() + 1) if len(loss) else math.nan
 
 
-def build_table(paths: list[str | Path], loss_window: int = 10) -> tuple[pd.DataFrame, list[RunData]]:
+def build_table(
+    paths: list[str | Path], loss_window: int = 10, judge: str | None = None
+) -> tuple[pd.DataFrame, list[RunData]]:
+    """The tidy table of the run dirs under ``paths``; the judge columns from the judge labelled ``judge``
+    (None: each run's own eval, whose label is in the ``judge`` column)."""
     dirs = expand_run_dirs(paths)
     runs = [load_run(d, name) for d, name in zip(dirs, run_names(dirs))]
-    rows = [row for run in runs for row in run_rows(run, loss_window)]
+    rows = [row for run in runs for row in run_rows(run, loss_window, judge)]
     table = pd.DataFrame(rows)
     for col in COLUMNS:
         if col not in table:
@@ -403,6 +448,37 @@ def _flag(value) -> object:
         return math.nan
     text = str(value).strip().lower()
     return {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}.get(text, math.nan)
+
+
+def check_judges(table: pd.DataFrame, judge: str | None, available: list[str]) -> pd.DataFrame:
+    """The table with the judge columns of one judge only. Rates of different judges are never pooled: rows
+    scored by several judges without ``judge`` picking one are an error naming the runs of each judge; so are
+    runs that carry several judges (a rejudged sweep) without a pick, and a pick no run has."""
+    labelled = table["judge"].notna() if "judge" in table else pd.Series(False, index=table.index)
+    if judge is not None:
+        if judge not in available:
+            raise AnalysisError(
+                f"--judge {judge}: no run has this judge; these runs have: {', '.join(available) or 'none'}"
+            )
+        other = labelled & (table["judge"] != judge)
+        if other.any():  # a table of several judges (a CSV): keep the picked judge's values only
+            table = table.astype({"eval_failed": object, "judge": object})
+            table.loc[other, [*JUDGE, "eval_failed", "judge"]] = math.nan
+        return table
+    labels = sorted(table.loc[labelled, "judge"].astype(str).unique())
+    if len(labels) > 1:
+        runs = {lb: sorted(table.loc[labelled & (table["judge"] == lb), "run"].astype(str).unique()) for lb in labels}
+        listing = "; ".join(f"{lb}: {', '.join(r[:5])}{' …' if len(r) > 5 else ''}" for lb, r in runs.items())
+        raise AnalysisError(
+            f"the runs were scored by different judges ({listing}); rates of different judges are not pooled: "
+            "pick one with --judge LABEL"
+        )
+    if len(available) > 1:
+        raise AnalysisError(
+            f"these runs carry several judges ({', '.join(available)}): pick the one to analyse with --judge "
+            "LABEL (the judge-agreement section compares them)"
+        )
+    return table
 
 
 def extra_factors(table: pd.DataFrame) -> list[str]:
