@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install into ./.venv and train the quickstart LoRA (SmolLM2-135M-Instruct, built-in demo chats; a few minutes on
-# 2 CPU cores). Then: .venv/bin/tensorboard --logdir runs
+# 2 CPU cores). It ends by printing where things went (run dir, adapter dir, checkpoint), the TensorBoard command
+# and the next commands to try. Extra arguments go to `fit`, e.g. `bash scripts/quickstart.sh --trainer.max_steps 3`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
