@@ -17,6 +17,7 @@ from em_lightning.callbacks.kl_regularizer import KLRegularizer
 from em_lightning.callbacks.loss_term import LossTermCallback
 from em_lightning.callbacks.spectral_penalty import SpectralPenalty
 from em_lightning.errors import InputError
+from em_lightning.lora import iter_lora_modules
 from em_lightning.loss import supervised_logits
 from tests.conftest import CONFIGS
 
@@ -170,3 +171,22 @@ def test_kl_term_moves_the_weights_by_lr_coeff_times_the_old_kl_gradient(tiny_mo
     assert max(float(step.abs().max()) for step in expected.values()) > 1e-4
     for name, step in expected.items():
         torch.testing.assert_close(a[name] - b[name], step, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_readme_loss_term_example_names_its_key_for_bad_input(tmp_path, monkeypatch, tiny_module):
+    """callbacks/README.md's example, as printed: its own setting reaches the checkpoint's settings, and a value
+    no adapter matches is an InputError naming ``BNormPenalty.proj``, not a traceback from an empty stack."""
+    from tests.test_spectrum_callbacks import _readme_module
+
+    example = _readme_module("b_norm_penalty.py", tmp_path, monkeypatch)
+    module = tiny_module(perturb_B=0.3)  # B != 0: the down_proj mean differs from the mean over all adapters
+    term = example.BNormPenalty(proj="down_proj")
+    assert term.state_dict()["settings"]["proj"] == "down_proj" and term.name == "b_norm"
+    downs = [B.square().sum() for _, proj, B, _, _ in iter_lora_modules(module.model) if proj == "down_proj"]
+    every = [B.square().sum() for _, _, B, _, _ in iter_lora_modules(module.model)]
+    assert torch.stack(downs).mean().item() != pytest.approx(torch.stack(every).mean().item(), rel=1e-3)
+    assert term.raw(module, 0).item() == pytest.approx(torch.stack(downs).mean().item(), rel=1e-6)
+    with pytest.raises(InputError, match=r"^BNormPenalty\.proj: no adapter of type 'nope'"):
+        example.BNormPenalty(proj="nope").raw(module, 0)
+    with pytest.raises(InputError, match=r"^BNormPenalty\.coeff: "):
+        example.BNormPenalty(coeff=-1.0)
