@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from em_lightning.errors import InputError
 from em_lightning.models import transformer_blocks
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -73,8 +74,6 @@ def gather_dtype(param_dtype: str | None, precision: str) -> torch.dtype | None:
     how, not what, is computed. An explicit value that contradicts the precision (bf16 gathers in a 32-true run)
     is an :class:`~em_lightning.errors.InputError` naming ``model.fsdp.param_dtype``.
     """
-    from em_lightning.errors import InputError
-
     precision = str(precision)
     auto, agreeing = _PRECISION_GATHER.get(precision, (None, None))
     if param_dtype == "auto":
@@ -142,13 +141,16 @@ class AdapterModelParallelStrategy(ModelParallelStrategy):
 
     def __init__(self, data_parallel_size: int | Literal["auto"] = "auto", tensor_parallel_size: int = 1,
                  save_distributed_checkpoint: bool = False, **kwargs):
-        if save_distributed_checkpoint:
-            raise ValueError("trainer.strategy.save_distributed_checkpoint: the adapter-only checkpoint is one file")
-        if tensor_parallel_size != 1:
-            raise ValueError("trainer.strategy.tensor_parallel_size: only 1 (FSDP2 data parallel) is supported")
+        # Checked in setup_environment, not here: jsonargparse buries an error raised while it builds the strategy
+        # (a Union-typed argument) in a page of type hints instead of letting it through as one error line.
+        self._distributed_checkpoint_asked = save_distributed_checkpoint
         super().__init__(data_parallel_size, tensor_parallel_size, save_distributed_checkpoint=False, **kwargs)
 
     def setup_environment(self) -> None:
+        if self._distributed_checkpoint_asked:
+            raise InputError("trainer.strategy.save_distributed_checkpoint: the adapter-only checkpoint is one file")
+        if self._tensor_parallel_size != 1:
+            raise InputError("trainer.strategy.tensor_parallel_size: only 1 (FSDP2 data parallel) is supported")
         # The parent's "auto" shards over the nodes only (it assumes tensor parallelism inside a node); with tensor
         # parallelism 1 every device of every node is one data-parallel (sharding) rank.
         if self._data_parallel_size == "auto":
@@ -248,8 +250,6 @@ def _checkpoint_key(param_name: str) -> str:
 def _load_local_rows(peft_model: torch.nn.Module, model_dir) -> None:
     import json
 
-    from em_lightning.errors import InputError
-
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -301,7 +301,7 @@ def _read_rows_into(f, entry: dict, data_start: int, param: torch.Tensor, where:
     dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
     shape = entry["shape"]
     if dtype is None or tuple(shape) != tuple(param.shape):
-        raise ValueError(f"{where}: saved as {entry['dtype']} {shape}, the model expects {tuple(param.shape)}")
+        raise InputError(f"{where}: saved as {entry['dtype']} {shape}, the model expects {tuple(param.shape)}")
     n = shape[0] if shape else 1
     if hasattr(param, "to_local"):
         mesh = param.device_mesh
@@ -315,7 +315,7 @@ def _read_rows_into(f, entry: dict, data_start: int, param: torch.Tensor, where:
     f.seek(data_start + entry["data_offsets"][0] + start * row_bytes)
     view = memoryview(buffer.view(torch.uint8).numpy()).cast("B") if buffer.numel() else memoryview(b"")
     if f.readinto(view) != rows * row_bytes:
-        raise ValueError(f"{where}: the file ended before the tensor's rows {start}..{start + rows}")
+        raise InputError(f"{where}: the file ended before the tensor's rows {start}..{start + rows}")
     if buffer is not local:
         local.copy_(buffer)
 
@@ -323,8 +323,6 @@ def _read_rows_into(f, entry: dict, data_start: int, param: torch.Tensor, where:
 def _recompute_rotary_buffers(peft_model: torch.nn.Module, device: torch.device) -> None:
     """``to_empty`` left every buffer uninitialised; the decoders' only buffers are the rotary frequencies, which the
     files do not hold: rebuild each rotary module on the host and copy them. Any other buffer is an error."""
-    from em_lightning.errors import InputError
-
     handled = set()
     for name, module in peft_model.named_modules():
         if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "config"):

@@ -32,6 +32,8 @@ BAD_VALUES = {
     "SpectrumLogger.subspace_k": [*SPECTRUM, "--trainer.callbacks.subspace_k", "0"],
     "SpectrumLogger.metrics": [*SPECTRUM, "--trainer.callbacks.metrics", "[entropy, nonsense]"],
     "SpectralPenalty.form": [*PENALTY, "--trainer.callbacks.form", "nonsense"],
+    "trainer.strategy.tensor_parallel_size": ["--config", "configs/strategy/fsdp2.yaml",
+                                              "--trainer.strategy.init_args.tensor_parallel_size", "2"],
 }
 
 
