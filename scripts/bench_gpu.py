@@ -426,7 +426,8 @@ def run_hf_loop(args, rows, device, dtype) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, with the defaults that depend on ``--smoke`` filled in."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few steps: check that it runs")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -448,52 +449,50 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget-s", type=float, default=540.0, help="start no row after this many seconds")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.shape = "smoke" if args.smoke else "qwen3-8b"
     args.steps = args.steps or (3 if args.smoke else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     args.spectra_steps = args.spectra_steps or (3 if args.smoke else 50)
     if args.smoke:
         args.max_length = min(args.max_length, 256)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    args.flex = device.type == "cuda" if args.flex is None else args.flex
-    from em_lightning import compile as compile_mod
+    return args
 
-    compile_mod.BACKEND = args.compile_backend or ("eager" if args.smoke and device.type == "cpu" else "inductor")
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+
+def trl_available(args) -> bool:
+    """Whether the TRL rows run: TRL and datasets installed, and not ``--no-trl``."""
     try:
         import datasets  # noqa: F401
         import trl  # noqa: F401
-
-        have_trl = not args.no_trl
     except ImportError:
-        have_trl = False
+        return False
+    return not args.no_trl
 
+
+def describe_settings(args, device, dtype, have_trl: bool, compile_backend: str) -> dict:
     import transformers
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    settings = {"device": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-                "trl": have_trl and __import__("trl").__version__, "shape": args.shape, "dtype": str(dtype),
-                "precision": "bf16-mixed" if device.type == "cuda" else "32-true", "batch": args.batch_size,
-                "accumulate": args.accumulate, "rows_per_step": args.batch_size * args.accumulate,
-                "lora": f"r={args.rank} alpha={args.alpha} rslora, 7 projections", "steps": args.steps,
-                "warmup": args.warmup, "compile_backend": compile_mod.BACKEND, "chunk": args.chunk}
-    print("settings:", json.dumps(settings), flush=True)
-    check = check_padding_free(device, ["sdpa", "eager"] + (["flex_attention"] if args.flex else []))
-    print("padding-free vs padded loss (tiny Qwen3 on this device), relative difference:",
-          json.dumps({k: f"{v:.2e}" for k, v in check.items()}), flush=True)
-    peak = matmul_peak_tflops(device)
-    print(f"measured matmul peak: {peak:.1f} TFLOP/s ({'bf16 8192^3' if device.type == 'cuda' else 'fp32 1024^3'})",
-          flush=True)
+    return {"device": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": have_trl and __import__("trl").__version__, "shape": args.shape, "dtype": str(dtype),
+            "precision": "bf16-mixed" if device.type == "cuda" else "32-true", "batch": args.batch_size,
+            "accumulate": args.accumulate, "rows_per_step": args.batch_size * args.accumulate,
+            "lora": f"r={args.rank} alpha={args.alpha} rslora, 7 projections", "steps": args.steps,
+            "warmup": args.warmup, "compile_backend": compile_backend, "chunk": args.chunk}
 
+
+def bench_rows(args) -> list:
+    """The synthetic rows every row of the table trains on, enough for the longest one."""
     n_rows = (args.warmup + max(args.steps, args.spectra_steps) + 1) * args.batch_size * args.accumulate
     vocab = SHAPES[args.shape]["vocab_size"]
     rows = make_rows(n_rows, vocab, args.max_length, scale=0.2 if args.smoke else 1.0)
     lengths = sorted(len(r) for r in rows)
     print(f"rows: {len(rows)}, tokens median {lengths[len(lengths) // 2]}, p90 {lengths[int(0.9 * len(lengths))]}, "
           f"max {lengths[-1]}", flush=True)
+    return rows
 
+
+def row_plan(args, rows, device, dtype, have_trl: bool) -> tuple[list, dict[str, dict]]:
+    """The table's rows in the order they run, and the em rows' options (``run_em`` keywords) by name."""
     plan = [
         ("em padded", lambda: run_em(args, rows, device, dtype)),
         ("em padding-free", lambda: run_em(args, rows, device, dtype, padding_free=True)),
@@ -516,7 +515,13 @@ def main(argv=None) -> dict:
                "em pf+compile": {"padding_free": True, "compile": True},
                "em pf+compile+chunk": {"padding_free": True, "compile": True, "chunk": args.chunk},
                "em pf+compile flex": {"padding_free": True, "compile": True, "attn": "flex_attention"}}
+    return plan, options
 
+
+def run_plan(plan, options, args, rows, device, dtype, started: float) -> dict[str, dict]:
+    """Run each row (skipped: ``--skip``, past ``--budget-s``); a failing row records its error and the next runs.
+    The spectra row takes the settings of the fastest em row so far (``options`` gets them)."""
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     results: dict[str, dict] = {}
     for name, fn in plan:
         if name in skip:
@@ -543,7 +548,11 @@ def main(argv=None) -> dict:
             free()
         print(f"{name}: done in {time.perf_counter() - t:.0f} s "
               f"{json.dumps({k: v for k, v in results[name].items() if k != 'n'}, default=str)}", flush=True)
+    return results
 
+
+def print_table(results: dict[str, dict], options: dict[str, dict], check: dict, peak: float) -> None:
+    """The markdown table: throughput, memory, MFU, and tokens/s against the TRL (or HF loop) baselines."""
     base_name = "TRL padded" if "TRL padded" in results else "HF loop"
     base = results.get(base_name, {})
     pf_base = results.get("TRL padding-free", {})
@@ -565,6 +574,9 @@ def main(argv=None) -> dict:
         label = name + (" (INVALID: padding-free check failed)" if invalid else "")
         print(f"| {label} | {res['steps_per_s']:.3f} | {res['tokens_per_s']:.0f} | {res['peak_gib']:.1f} | "
               f"{100 * flops / H200_BF16_DENSE_TFLOPS:.1f} % | {100 * flops / peak:.1f} % | {ratio} | {pf_ratio} |")
+
+
+def print_spectra_overhead(results: dict[str, dict]) -> None:
     spectra = results.get("em best+spectra", {})
     best = results.get("em best (for spectra)", {}).get("of")
     if best and "steps_per_s" in spectra and "steps_per_s" in results[best]:
@@ -573,6 +585,31 @@ def main(argv=None) -> dict:
         print(f"\nspectra overhead (shipped spectrum.yaml + penalty every step, {spectra['steps']} steps, settings of "
               f"'{best}'): {100 * over:+.1f} % mean step time, {100 * median:+.1f} % median step "
               f"{('; ' + spectra['note']) if spectra.get('note') else ''}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args.flex = device.type == "cuda" if args.flex is None else args.flex
+    from em_lightning import compile as compile_mod
+
+    compile_mod.BACKEND = args.compile_backend or ("eager" if args.smoke and device.type == "cpu" else "inductor")
+    have_trl = trl_available(args)
+    settings = describe_settings(args, device, dtype, have_trl, compile_mod.BACKEND)
+    print("settings:", json.dumps(settings), flush=True)
+    check = check_padding_free(device, ["sdpa", "eager"] + (["flex_attention"] if args.flex else []))
+    print("padding-free vs padded loss (tiny Qwen3 on this device), relative difference:",
+          json.dumps({k: f"{v:.2e}" for k, v in check.items()}), flush=True)
+    peak = matmul_peak_tflops(device)
+    print(f"measured matmul peak: {peak:.1f} TFLOP/s ({'bf16 8192^3' if device.type == 'cuda' else 'fp32 1024^3'})",
+          flush=True)
+    rows = bench_rows(args)
+    plan, options = row_plan(args, rows, device, dtype, have_trl)
+    results = run_plan(plan, options, args, rows, device, dtype, started)
+    print_table(results, options, check, peak)
+    print_spectra_overhead(results)
     n = next((r["n"] for r in results.values() if "n" in r), 0)
     print(f"N = {n / 1e9:.3f} B ({n:,}) parameters in the 4·N count; total {time.perf_counter() - started:.0f} s",
           flush=True)
