@@ -1,5 +1,5 @@
-"""Entry point: ``python -m em_lightning {fit,validate,test,evaluate,rejudge,sweep,analyze} ...`` (also the
-``em-lightning`` script)."""
+"""Entry point: ``python -m em_lightning {fit,validate,test,evaluate,rejudge,direction,sweep,analyze} ...`` (also
+the ``em-lightning`` script)."""
 
 from __future__ import annotations
 
