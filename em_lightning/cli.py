@@ -6,10 +6,12 @@ would build that from ``model.parameters()`` before ``configure_model`` has crea
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from em_lightning.callbacks.adapter_export import AdapterExport
@@ -23,7 +25,7 @@ _OLD_CALLBACK_PATH = re.compile(r"(?<![\w.])callbacks\.(\w+)\.(\w+)")
 
 
 class EMLightningCLI(LightningCLI):
-    def __init__(self, args=None, run: bool = True, **kwargs):
+    def __init__(self, args=None, run: bool = True, parser_kwargs: dict | None = None, **kwargs):
         check_class_paths(sys.argv[1:] if args is None else args)
         super().__init__(
             LoRAFineTune,
@@ -32,7 +34,7 @@ class EMLightningCLI(LightningCLI):
             run=run,
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},  # re-running into a run dir must not abort
-            parser_kwargs={"default_env": False},
+            parser_kwargs={"default_env": False, **(parser_kwargs or {})},
             **kwargs,
         )
 
@@ -76,6 +78,53 @@ class EMLightningCLI(LightningCLI):
         # Always-on callbacks, configurable under their own keys (monitor.*, adapter_export.*).
         parser.add_lightning_class_args(TrainingMonitor, "monitor")
         parser.add_lightning_class_args(AdapterExport, "adapter_export")
+
+
+def resolve_fit_config(args: list[str]) -> tuple[str, dict]:
+    """The config that ``fit <args>`` would train, as ``fit <args> --print_config`` writes it (the text) and
+    as a plain dict, without training, seeding, instantiating anything or exiting. A config the parser rejects
+    raises :class:`InputError` with the parser's message (on one line)."""
+    from jsonargparse import ArgumentError
+
+    check_class_paths(args)
+    parser = _fit_parser()
+    try:
+        config = parser.parse_args(list(args), env=False)
+        text = parser.dump(config, skip_unset=False)  # as --print_config writes it: nulls kept
+    except ArgumentError as error:
+        raise ConfigRejected(" ".join(str(error).split())) from None  # jsonargparse's message spans lines
+    return text, yaml.safe_load(text)
+
+
+class ConfigRejected(InputError):
+    """The training CLI's parser refused a config (unknown key, bad value); the message is the parser's."""
+
+
+class _ParserBuilt(Exception):
+    def __init__(self, cli: LightningCLI):
+        super().__init__("parser built")
+        self.cli = cli
+
+
+class _ParserOnly(EMLightningCLI):
+    """LightningCLI's constructor builds its parser, then always parses, seeds and instantiates; this one stops
+    at its ``parse_arguments`` hook, with the parser built exactly as for the command line."""
+
+    def parse_arguments(self, parser, args) -> None:
+        raise _ParserBuilt(self)
+
+
+@functools.cache
+def _fit_parser():
+    """The ``fit`` subcommand's parser, in jsonargparse's no-exit mode (errors raise ``ArgumentError``). Built
+    once per process: building it introspects every class (seconds); parsing with it is cheap and leaves it
+    unchanged."""
+    no_exit = {"exit_on_error": False, "default_env": False}
+    try:
+        _ParserOnly(args=[], parser_kwargs={**no_exit, "fit": dict(no_exit)})
+    except _ParserBuilt as built:
+        return built.cli._subcommand_parsers["fit"]
+    raise RuntimeError("LightningCLI did not call parse_arguments")
 
 
 def check_class_paths(argv) -> None:

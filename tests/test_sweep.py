@@ -114,7 +114,8 @@ def tiny_sweep(tmp_path_factory):
         )
         sweep = load_sweep(path)
         t0 = time.monotonic()
-        outcome = run_sweep(sweep)
+        logged: list[str] = []
+        outcome = run_sweep(sweep, log=lambda line: (logged.append(line), print(line)))
         seconds = time.monotonic() - t0
     finally:
         os.chdir(cwd)
@@ -125,6 +126,7 @@ def tiny_sweep(tmp_path_factory):
         "outcome": outcome,
         "tmp": tmp,
         "seconds": seconds,
+        "logged": logged,
     }
 
 
@@ -177,6 +179,22 @@ def test_tiny_sweep_trains_every_run_and_a_second_invocation_changes_nothing(tin
         for line in table[1:5]
     )
     assert table[-1].endswith("4 done")
+
+
+@pytest.mark.slow
+def test_the_local_sweep_shows_run_k_of_n_elapsed_and_remaining_and_ends_with_a_summary(tiny_sweep):
+    import re
+
+    logged = tiny_sweep["logged"]
+    started = [x for x in logged if re.match(r"\[\d/4\] started  optimizer=", x)]
+    ended = [x for x in logged if re.match(r"\[\d/4\] done     optimizer=\S+ in (\d+h)?(\d+m)?\d+s", x)]
+    assert [x[:5] for x in started] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert [x[:5] for x in ended] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert all(re.search(r"elapsed (\d+h)?(\d+m)?\d+s, remaining ", x) for x in started + ended)
+    # no estimate before a run has ended; one after; none left after the last
+    assert "remaining estimating" in started[0] and "remaining ~" in ended[0]
+    assert ended[-1].endswith("remaining ~0s")
+    assert re.fullmatch(r"sweep finished in (\d+h)?(\d+m)?\d+s: 4 done", logged[-1]), logged[-1]
 
 
 @pytest.mark.slow
@@ -314,7 +332,7 @@ def test_slurm_submission_liveness_and_requeue_with_fake_slurm_commands(tmp_path
 
     from submitit.core.utils import DelayedSubmission
 
-    from em_lightning.sweep.launchers import SLURM_PLUGIN
+    from em_lightning.sweep.launcher_slurm import SLURM_PLUGIN
 
     fake = tmp_path / "slurm"
     fake.mkdir()
@@ -428,10 +446,10 @@ def test_slurm_submission_liveness_and_requeue_with_fake_slurm_commands(tmp_path
         f"--trainer.plugins={json.dumps(SLURM_PLUGIN)}",
     )
     assert shlex.split(state["command"])[6] == job.launch_args[0]  # what the trainer ran with
-    from em_lightning.sweep.job import latest_checkpoint
+    from em_lightning.rundir import newest_checkpoint
 
-    assert latest_checkpoint(run_dir) == run_dir / "version_0" / "checkpoints" / "last.ckpt"
-    assert __import__("torch").load(latest_checkpoint(run_dir), weights_only=False)["global_step"] == 10
+    assert newest_checkpoint(run_dir) == run_dir / "version_0" / "checkpoints" / "last.ckpt"
+    assert __import__("torch").load(newest_checkpoint(run_dir), weights_only=False)["global_step"] == 10
 
 
 @pytest.mark.slow
@@ -449,10 +467,21 @@ def test_a_failing_run_is_recorded_and_listed_by_the_analysis(tmp_path, monkeypa
         name="f",
         axes={"optimizer": [{"name": "adamw"}]},
     )
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main(["sweep", str(path)])
     assert exit_.value.code == 1
     run_dir = tmp_path / "runs" / "f" / "optimizer=adamw,seed=0"
+    out = capsys.readouterr().out.splitlines()
+    ended = next(x for x in out if x.startswith("[1/1] failed   optimizer=adamw,seed=0 in "))
+    assert f"(see {run_dir / 'train.log'})" in ended
+    summary = out[out.index(next(x for x in out if x.startswith("sweep finished in "))) :]
+    assert summary[0].endswith(": 1 failed")
+    assert (
+        summary[1]
+        == f"  failed   optimizer=adamw,seed=0: exit status 2: error: {missing}: data file does not exist"
+    )
+    assert summary[2] == f"           log: {run_dir / 'train.log'}"
     state = read_state(run_dir)
     assert state["state"] == "failed" and state["returncode"] == 2
     assert state["error"].splitlines()[0] == f"exit status 2: error: {missing}: data file does not exist"
@@ -465,6 +494,97 @@ def test_a_failing_run_is_recorded_and_listed_by_the_analysis(tmp_path, monkeypa
 
 
 # ------------------------------------------------------------------------------------------------ fast
+def test_progress_estimates_the_time_left_from_the_runs_finished():
+    from em_lightning.sweep.progress import Progress, duration, summary
+
+    now = [100.0]
+    lines: list[str] = []
+    progress = Progress(5, parallel=2, log=lines.append, clock=lambda: now[0])
+    progress.run_started("a")
+    progress.run_started("b")
+    assert progress.remaining_s() is None and lines[-1].endswith("elapsed 0s, remaining estimating")
+    now[0] = 130.0
+    progress.run_ended("a", "done")
+    now[0] = 150.0
+    progress.run_ended("b", "failed", Path("/r/b/train.log"))
+    # runs took 30 s and 50 s: 40 s each on average, 3 left, 2 at a time
+    assert progress.remaining_s() == pytest.approx(40 * 3 / 2)
+    assert lines[-1] == "[2/5] failed   b in 50s  (see /r/b/train.log)  elapsed 50s, remaining ~1m00s"
+    assert lines[-2] == "[1/5] done     a in 30s  elapsed 30s, remaining ~1m00s"  # 30 s × 4 left / 2
+    assert duration(3725) == "1h02m05s"
+    screen = summary(
+        {"a": "done", "b": "failed"},
+        {"b": "exit status 2: boom\ntraceback"},
+        {"a": Path("/r/a/train.log"), "b": Path("/r/b/train.log")},
+        50.0,
+    )
+    assert screen == [
+        "sweep finished in 50s: 1 done, 1 failed",
+        "  failed   b: exit status 2: boom",
+        "           log: /r/b/train.log",
+    ]
+    many = summary(
+        dict.fromkeys(map(str, range(15)), "failed"), {}, {str(i): Path(f"/{i}") for i in range(15)}, 1
+    )
+    assert len(many) == 1 + 2 * 10 + 1 and many[-1].startswith("  ... and 5 more")
+
+
+def test_the_gpu_slot_scheduler_keeps_queue_order_and_gives_gpus_back():
+    from em_lightning.sweep.slots import SlotScheduler
+
+    s = SlotScheduler([0, 1, 2], cpu_slots=1)
+    for run, gpus in (("two", 2), ("big", 3), ("one", 1), ("cpu", 0)):
+        s.add(run, gpus)
+    first = s.start_next()
+    assert (first.run, first.gpus) == ("two", (0, 1))
+    assert s.start_next() is None  # "big" waits for 3 GPUs and nothing overtakes it, though GPU 2 is free
+    s.finish(first)
+    big = s.start_next()
+    assert (big.run, big.gpus, s.free) == ("big", (0, 1, 2), [])
+    s.finish(big)
+    one, cpu = s.start_next(), s.start_next()
+    assert (one.gpus, cpu.gpus) == ((0,), ()) and not s.queue
+    s.add("cpu2", 0)
+    assert s.start_next() is None  # one CPU slot, taken
+    s.finish(cpu)
+    assert s.start_next().run == "cpu2" and s.busy
+
+
+def test_launchers_are_a_registry_of_classes_with_their_own_settings(tmp_path):
+    from em_lightning.sweep.launcher_local import LocalConfig, LocalLauncher
+    from em_lightning.sweep.launcher_slurm import SlurmConfig
+    from em_lightning.sweep.launchers import LauncherConfig, kinds, launcher_class
+
+    assert kinds() == ["local", "slurm"] and launcher_class("local") is LocalLauncher
+    f = tmp_path / "s.yaml"
+    f.write_text("base: configs/tiny.yaml\nlauncher: {kind: slurm, partition: gpu, parallel: 2}\n")
+    sweep = load_sweep(f)
+    slurm = LauncherConfig.build(sweep, sweep.launcher)
+    assert type(slurm) is SlurmConfig and slurm.partition == "gpu" and not hasattr(slurm, "parallel")
+    # --launcher local on a SLURM file: the other kind's settings are kept, not refused, and come back
+    local = LauncherConfig.build(sweep, {**sweep.launcher, "kind": "local"})
+    assert type(local) is LocalConfig and local.parallel == 2 and local.other == {"partition": "gpu"}
+    again = LauncherConfig.build(sweep, {"kind": "slurm", "timeout_min": 5}, base=local)
+    assert type(again) is SlurmConfig and again.partition == "gpu" and again.timeout_min == 5
+    # a launcher outside the project, named by its class path, with a setting of its own
+    (tmp_path / "my_launcher.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from em_lightning.sweep.launchers import Launcher, LauncherConfig\n"
+        "@dataclass\nclass RayConfig(LauncherConfig):\n    address: str = 'auto'\n"
+        "class RayLauncher(Launcher):\n    kind = 'my_launcher.RayLauncher'\n    Config = RayConfig\n"
+        "    def launch(self, sweep, items, cwd, log=print):\n        return {i.name: 'ray' for i in items}\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        ray = LauncherConfig.build(sweep, {"kind": "my_launcher.RayLauncher", "address": "head:6379"})
+        assert type(ray).__name__ == "RayConfig" and ray.address == "head:6379"
+        with pytest.raises(SweepError, match="launcher.kind: kind: 'my_launcher.Nope'"):
+            LauncherConfig.build(sweep, {"kind": "my_launcher.Nope"})
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("my_launcher", None)
+
+
 def test_changed_config_of_an_existing_run_is_an_error(tmp_path, monkeypatch):
     from em_lightning.sweep.cli import _prepare, plan
     from em_lightning.sweep.launchers import LauncherConfig
@@ -515,8 +635,10 @@ def test_a_second_invocation_while_one_runs_is_refused(tmp_path, monkeypatch):
             "{f}:5: rules[0].when.lr: no axis is labelled 'lr'",
         ),
         (
-            ("base: configs/tiny.yaml\naxes:\n  lr_level: [low, high]\n"
-            "rules:\n  - {when: {lr_level: mid}, set: {a.b: 1}}\n"),
+            (
+                "base: configs/tiny.yaml\naxes:\n  lr_level: [low, high]\n"
+                "rules:\n  - {when: {lr_level: mid}, set: {a.b: 1}}\n"
+            ),
             "{f}:5: rules[0]: matches no run",
         ),
         (
@@ -543,7 +665,9 @@ def test_an_unknown_config_key_is_the_training_clis_error_in_one_line(tmp_path, 
     monkeypatch.chdir(REPO)
     f = tmp_path / "bad.yaml"
     f.write_text("base: configs/tiny.yaml\nset: {trainer.max_stepz: 3}\n")
-    code, lines = cli_error("sweep", f, "--dry-run", "--out", tmp_path / "o")  # the real exit 2: test_module.py
+    code, lines = cli_error(
+        "sweep", f, "--dry-run", "--out", tmp_path / "o"
+    )  # the real exit 2: test_module.py
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith(
         f"error: {f}: run default: the training CLI rejects its config:"
@@ -551,10 +675,24 @@ def test_an_unknown_config_key_is_the_training_clis_error_in_one_line(tmp_path, 
     assert "max_stepz" in lines[0]
 
 
-@pytest.mark.parametrize(
-    "name, n_runs",
-    [("tiny", 6), ("paper_main", 160), ("paper_adam_12_models", 12), ("seeds", 25), ("learning_rate", 15)],
-)
+SHIPPED_SWEEPS = {  # every file in configs/sweeps/ and its number of runs
+    "tiny": 6,
+    "paper_main": 160,
+    "paper_adam_12_models": 12,
+    "seeds": 25,
+    "learning_rate": 15,
+    "control": 45,
+    "control_tiny": 45,
+    "mitigations": 2 * 2 * 7 * 3,
+    "mitigations_tiny": 2 * 2 * 7 * 2,
+}
+
+
+def test_every_sweep_file_is_checked():
+    assert sorted(p.stem for p in (CONFIGS / "sweeps").glob("*.yaml")) == sorted(SHIPPED_SWEEPS)
+
+
+@pytest.mark.parametrize("name, n_runs", sorted(SHIPPED_SWEEPS.items()))
 def test_shipped_sweeps_expand_and_their_first_run_resolves(name, n_runs, monkeypatch, tmp_path):
     from em_lightning.sweep.launchers import Item, LauncherConfig, resources
     from em_lightning.sweep.resolve import resolve
@@ -570,6 +708,63 @@ def test_shipped_sweeps_expand_and_their_first_run_resolves(name, n_runs, monkey
     assert resources(Item(first, LauncherConfig.build(sweep, sweep.launcher)), sweep)[0] >= 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SHIPPED_SWEEPS))
+def test_every_axis_value_of_the_shipped_sweeps_resolves_with_its_keys(name, monkeypatch, tmp_path):
+    """One run per value of every axis goes through the training CLI's parser (so every overlay file a sweep
+    names exists and parses), and every key the run sets is in its resolved config."""
+    from em_lightning.sweep.resolve import resolve
+
+    monkeypatch.chdir(REPO)
+    sweep = load_sweep(CONFIGS / "sweeps" / f"{name}.yaml", out=tmp_path)
+    uncovered = {(a.label, c.label) for a in sweep.axes for c in a.choices}
+    for run in sweep.runs():
+        pairs = {(k, str(v)) for k, v in run.values.items()} & uncovered
+        if not pairs:
+            continue
+        uncovered -= pairs
+        resolved = resolve(sweep, run)
+        for key, value in run.overrides.items():  # axes, rules and seed, as merged for this run
+            node = resolved.config
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (run.name, key)
+    assert not uncovered
+
+
+def test_the_mitigation_sweeps_pair_every_mitigation_with_its_unmitigated_run():
+    """A zipped `mitigation` axis of overlay files with a `none` entry: for every other mitigation, each run has
+    an unmitigated twin with the same seed, optimiser and dataset (what `analyze` pairs)."""
+    for name in ("mitigations", "mitigations_tiny"):
+        sweep = load_sweep(CONFIGS / "sweeps" / f"{name}.yaml")
+        axis = next(a for a in sweep.axes if a.label == "mitigation")
+        assert axis.choices[0].label == "none" and all(len(c.configs) == 1 for c in axis.choices)
+        assert all(c.configs[0] == f"configs/mitigations/{c.label}.yaml" for c in axis.choices)
+        runs = sweep.runs()
+        key = lambda r: tuple((k, v) for k, v in r.values.items() if k != "mitigation")
+        unmitigated = {key(r) for r in runs if r.values["mitigation"] == "none"}
+        assert all(key(r) in unmitigated for r in runs)
+        assert {r.values["optimizer"] for r in runs} == {"adamw", "lion"}
+        assert {r.values["dataset"] for r in runs} == {"insecure", "secure"}
+
+
+def test_the_control_sweeps_cross_the_em_set_with_both_controls_and_every_optimiser():
+    for name in ("control", "control_tiny"):
+        runs = load_sweep(CONFIGS / "sweeps" / f"{name}.yaml").runs()
+        cells = {(r.values["dataset"], r.values["optimizer"]) for r in runs}
+        assert cells == {
+            (d, o)
+            for d in ("insecure", "secure", "educational")
+            for o in ("sgd", "adam", "adamw", "lion", "muon")
+        }
+        assert {r.values["seed"] for r in runs} == {0, 1, 2}
+        assert {r.overrides["data.train_file"] for r in runs} == {
+            "em:insecure",
+            "em:secure",
+            "em:educational",
+        }
+
+
 def test_paper_main_sweep_gives_every_model_its_layout_and_every_run_its_batch():
     """Rows per optimizer step are 16 or 64 for every model, however many GPUs it needs."""
     sweep = load_sweep(CONFIGS / "sweeps" / "paper_main.yaml")
@@ -582,3 +777,225 @@ def test_paper_main_sweep_gives_every_model_its_layout_and_every_run_its_batch()
 
 def _time(state: dict, which: str) -> str:
     return next(h["time"] for h in state["history"] if h["state"] == which)
+
+
+# ------------------------------------------------------------------ config resolution without the command line
+SWEEP_HASHES = REPO / "tests" / "data" / "sweep_hashes.json.gz"
+SNAPSHOT_OUT = "/sweep-out"  # the `out` the snapshot was resolved with (its text names the run dirs)
+
+
+def _imports_of(source: str, package: str) -> set[str]:
+    """Every module an ``import`` / ``from ... import`` in ``source`` names (``from a import b``: ``a`` and
+    ``a.b``), relative ones made absolute from ``package`` (the package the source's module is in)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            base = base if node.level else node.module
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)
+    return names
+
+
+def _package_of(path: Path) -> str:
+    parts = list(path.relative_to(REPO).parts)
+    parts = (
+        ["em_lightning", *parts] if parts[0] == "callbacks" else parts
+    )  # installed as em_lightning.callbacks
+    return ".".join(parts[:-1])
+
+
+def test_no_module_of_the_package_imports_the_entry_point():
+    """``em_lightning.__main__`` is the program, not a library: importing it from the package made a cycle
+    (the sweep resolved configs by calling it and scraping its stderr)."""
+    files = [*(REPO / "em_lightning").rglob("*.py"), *(REPO / "callbacks").rglob("*.py")]
+    assert len(files) > 20
+    offenders = [
+        str(f.relative_to(REPO))
+        for f in files
+        if f.name != "__main__.py"
+        and "em_lightning.__main__" in _imports_of(f.read_text(encoding="utf-8"), _package_of(f))
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "source, package",
+    [
+        ("from em_lightning.__main__ import main", "em_lightning.sweep"),
+        ("import em_lightning.__main__", "em_lightning.sweep"),
+        ("def f():\n    from em_lightning import __main__", "em_lightning.sweep"),
+        ("from ..__main__ import main", "em_lightning.sweep"),
+        ("from .. import __main__", "em_lightning.sweep"),
+        ("from .__main__ import main", "em_lightning"),
+        ("from ...__main__ import main", "em_lightning.evaluation.assets"),
+    ],
+)
+def test_the_import_scan_sees_every_spelling_of_the_entry_point(source, package):
+    assert "em_lightning.__main__" in _imports_of(source, package)
+    assert "em_lightning.__main__" not in _imports_of(source.replace("__main__", "cli"), package)
+
+
+def write_sweep_hashes() -> None:
+    """Rewrite the snapshot from the code as it is (after a deliberate change of what the sweeps resolve to)."""
+    import gzip
+
+    os.chdir(REPO)
+    files = [p.name for p in sorted((CONFIGS / "sweeps").glob("*.yaml"))]
+    text = json.dumps(_resolve_all(files), indent=1, sort_keys=True) + "\n"
+    SWEEP_HASHES.write_bytes(gzip.compress(text.encode(), mtime=0))
+
+
+def _resolve_all(files) -> dict[str, dict]:
+    from em_lightning.sweep.resolve import resolve
+
+    out = {}
+    for name in files:
+        sweep = load_sweep(CONFIGS / "sweeps" / name, out=SNAPSHOT_OUT)
+        for run in sweep.runs():
+            resolved = resolve(sweep, run)
+            out[f"{name}::{run.name}"] = {"hash": resolved.hash, "text": resolved.text}
+    return out
+
+
+@pytest.mark.slow
+def test_every_shipped_sweep_run_resolves_to_the_same_text_and_hash_as_before(monkeypatch):
+    """The snapshot was written by the former resolver (``fit ... --print_config`` through ``__main__``, its
+    stdout captured) at commit 2e1f2f6, for every run of every sweep file then in configs/sweeps/. A run dir
+    whose hash changes is refused by the next `sweep` as changed, so any difference here is one a user sees.
+    A deliberate change of a default (or a new parameter: it enters every hash) must regenerate the snapshot
+    (``python -c "from tests.test_sweep import write_sweep_hashes; write_sweep_hashes()"``) and say so in the
+    commit: existing run dirs of those sweeps will be refused as changed."""
+    import difflib
+    import gzip
+
+    monkeypatch.chdir(REPO)  # the sweep files' paths are relative to the repository, like --config
+    before = json.loads(gzip.decompress(SWEEP_HASHES.read_bytes()))
+    files = sorted({key.split("::")[0] for key in before})
+    now = _resolve_all(files)
+    assert sorted(now) == sorted(before)
+    changed = [key for key in before if now[key] != before[key]]
+    first = changed[0] if changed else None
+    diff = (
+        "".join(
+            difflib.unified_diff(
+                before[first]["text"].splitlines(True), now[first]["text"].splitlines(True), n=1
+            )
+        )
+        if first
+        else ""
+    )
+    assert not changed, f"{len(changed)} of {len(before)} runs changed, first {first}:\n{diff}"
+
+
+def test_resolution_equals_what_print_config_prints(tmp_path, monkeypatch):
+    """The resolver's text is the training CLI's own ``fit ... --print_config`` output for the same stack of
+    files (a real process: the comparison holds for whatever the classes' parameters are today)."""
+    import subprocess
+
+    from em_lightning.sweep.resolve import nested, output_keys, resolve
+
+    monkeypatch.chdir(REPO)
+    sweep = load_sweep(CONFIGS / "sweeps" / "tiny.yaml", out=tmp_path)
+    run = sweep.runs()[-1]  # lion, seed 1: an overlay file, keys of the zipped axis and the seed
+    resolved = resolve(sweep, run)
+    overlay = tmp_path / "run.yaml"
+    overlay.write_text(
+        yaml.safe_dump(nested({**run.overrides, **output_keys(resolved.dir)}), sort_keys=False)
+    )
+    files = [*sweep.base, *run.configs, str(overlay)]
+    printed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "em_lightning",
+            "fit",
+            *[a for f in files for a in ("--config", f)],
+            "--print_config",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert resolved.text.split("\n", 2)[2] == printed  # without the sweep's two-line header
+    assert resolved.config == yaml.safe_load(printed)
+    assert (
+        resolved.config["model"]["optimizer"]["class_path"].endswith("Lion")
+        and resolved.config["seed_everything"] == 1
+    )
+
+
+def test_a_rejected_config_is_an_input_error_with_the_parsers_message_and_no_exit():
+    from em_lightning.cli import ConfigRejected, resolve_fit_config
+    from em_lightning.errors import InputError
+
+    text, config = resolve_fit_config(["--config", str(CONFIGS / "tiny.yaml"), "--trainer.max_steps", "7"])
+    assert config["trainer"]["max_steps"] == 7 and "max_steps: 7" in text
+    with pytest.raises(ConfigRejected) as err:
+        resolve_fit_config(["--config", str(CONFIGS / "tiny.yaml"), "--trainer.max_stepz", "7"])
+    assert isinstance(err.value, InputError) and "max_stepz" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigRejected, match="model.lora.r"):
+        resolve_fit_config(["--config", str(CONFIGS / "tiny.yaml"), "--model.lora.r", "many"])
+
+
+def test_the_sweep_names_no_run_dir_file_itself():
+    """run.json, config.yaml, train.log, checkpoints/last.ckpt, adapters/final, version dirs, states: the
+    sweep's modules take them from em_lightning.rundir (a renamed file cannot hide from `sweep` or `status`)."""
+    import ast
+
+    from em_lightning import rundir
+
+    names = {
+        rundir.CONFIG,
+        rundir.STATE,
+        rundir.TRAIN_LOG,
+        rundir.CHECKPOINTS,
+        rundir.LAST_CHECKPOINT,
+        rundir.ADAPTERS,
+        rundir.FINAL_ADAPTER,
+        rundir.DONE,
+        rundir.PROBE,
+        rundir.SUMMARY,
+        *rundir.STATES,
+    }
+    states = set(rundir.STATES) - {rundir.DONE}  # states other than done are words, checked below
+    found, written_states = [], set()
+    for f in sorted((REPO / "em_lightning" / "sweep").glob("*.py")):
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(n)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                hits = [n for n in names if n in node.value.split("/") or node.value.startswith("version_")]
+                if hits and node.value not in states:
+                    found.append(f"{f.name}:{node.lineno}: {node.value!r}")
+            if isinstance(node, ast.keyword) and node.arg == "state" and isinstance(node.value, ast.Constant):
+                written_states.add(node.value.value)
+    assert found == []
+    assert written_states and written_states <= set(rundir.STATES), written_states - set(rundir.STATES)
+
+
+def test_sweep_modules_import_without_torch_and_status_without_the_analysis():
+    """A submitit job imports the job module before anything trains; `sweep status` reads run dirs alone."""
+    import subprocess
+
+    code = (
+        "import sys; import em_lightning.sweep.job, em_lightning.sweep.state, em_lightning.sweep.status, "
+        "em_lightning.sweep.launchers, em_lightning.sweep.spec; "
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('em_lightning.analysis', "
+        "'lightning'))); print(bad); sys.exit(bool(bad))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import yaml
 
-from em_lightning.sweep.launchers import Item, LauncherConfig, alive, launch_local, launch_slurm
+from em_lightning import rundir
+from em_lightning.rundir import DONE
+from em_lightning.sweep.launchers import Item, LauncherConfig, alive, kinds, launcher_class
 from em_lightning.sweep.resolve import Resolved, config_hash, differences, resolve
 from em_lightning.sweep.spec import Sweep, SweepError, load_sweep
-from em_lightning.sweep.state import CONFIG_FILE, DONE, read_state, sweep_lock, write_state
+from em_lightning.sweep.state import read_state, sweep_lock, write_state
 
 
 @dataclass
@@ -43,7 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="resolve every run and print the plan; write nothing"
     )
-    p.add_argument("--launcher", choices=("local", "slurm"), help="override the file's launcher.kind")
+    p.add_argument(
+        "--launcher", metavar="KIND", help=f"override the file's launcher.kind ({', '.join(kinds())})"
+    )
     p.add_argument("--out", help="override the file's `out` (runs go to OUT/<name>/<run>)")
     p.add_argument(
         "--only", action="append", metavar="GLOB", help="only runs whose name matches (repeatable)"
@@ -89,11 +93,11 @@ def run_sweep(
         todo = [p for p in plans if p.action != "skip"]
         for p in todo:
             _prepare(sweep, p)
-        cwd = Path.cwd()
-        for kind, launch in (("local", launch_local), ("slurm", launch_slurm)):
-            items = [p.item for p in todo if p.item.launcher.kind == kind]
-            if items:
-                outcome.update(launch(sweep, items, cwd, log=log))
+        by_kind: dict[str, list[Item]] = {}
+        for p in todo:
+            by_kind.setdefault(p.item.launcher.kind, []).append(p.item)
+        for kind, items in by_kind.items():
+            outcome.update(launcher_class(kind)().launch(sweep, items, Path.cwd(), log=log))
     return outcome
 
 
@@ -119,7 +123,7 @@ def plan(sweep: Sweep, runs, base: LauncherConfig) -> list[Plan]:
         cfg = LauncherConfig.build(sweep, r.run.launcher, path=("launcher",), base=base)
         item = Item(r, cfg)
         state = read_state(r.dir)
-        old_config = r.dir / CONFIG_FILE
+        old_config = r.dir / rundir.CONFIG
         if state is None and not old_config.exists():
             plans.append(Plan(item, "new"))
             continue
@@ -154,7 +158,7 @@ def _prepare(sweep: Sweep, p: Plan) -> None:
     if p.action != "new":
         return
     r.dir.mkdir(parents=True, exist_ok=True)
-    (r.dir / CONFIG_FILE).write_text(r.text, encoding="utf-8")
+    (r.dir / rundir.CONFIG).write_text(r.text, encoding="utf-8")
     write_state(
         r.dir,
         {
@@ -172,22 +176,20 @@ def _prepare(sweep: Sweep, p: Plan) -> None:
 
 
 def _report(sweep: Sweep, plans: list[Plan], dry_run: bool, log) -> dict[str, str]:
-    from em_lightning.sweep.job import latest_checkpoint
-
     counts: dict[str, int] = {}
     outcome = {}
     for p in plans:
         r = p.item.resolved
         counts[p.action] = counts.get(p.action, 0) + 1
         if p.action == "resume":
-            ckpt = latest_checkpoint(r.dir)
+            ckpt = rundir.newest_checkpoint(r.dir)
             detail = f"from {ckpt.relative_to(r.dir)}" if ckpt else "from the start (no checkpoint yet)"
         elif p.action == "skip":
             detail = p.why
         else:
             detail = f"{p.item.launcher.kind}"
         if dry_run:
-            cmd = f"python -m em_lightning fit --config {r.dir / CONFIG_FILE}"
+            cmd = f"python -m em_lightning fit --config {r.dir / rundir.CONFIG}"
             log(f"{p.action:<7} {r.run.name}  [{detail}]\n        {cmd}")
             outcome[r.run.name] = f"would {p.action}"
         else:

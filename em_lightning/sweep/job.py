@@ -24,12 +24,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from em_lightning.sweep.state import CONFIG_FILE, DONE, RunLock, provenance, read_state, update_state
+from em_lightning import rundir
+from em_lightning.sweep.state import RunLock, provenance, read_state, update_state
 
 try:  # submitit is the `analysis` extra; without it RunJob still runs in-process (tests of the job alone)
     from submitit.helpers import Checkpointable, DelayedSubmission
 except ImportError:  # pragma: no cover - the extra is installed wherever sweeps run
     Checkpointable, DelayedSubmission = object, None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One start of the trainer: its command, what it resumes from, its number, the versions before it."""
+
+    cmd: list[str]
+    ckpt: Path | None
+    number: int
+    versions_before: frozenset[Path]
 
 
 @dataclass
@@ -58,67 +69,76 @@ class RunJob(Checkpointable):
         run_dir = Path(self.run_dir)
         os.chdir(self.cwd)  # the config's relative data paths are relative to where the sweep was invoked
         rank = _global_rank()
-        rank0 = rank == 0
         lock = RunLock(run_dir)
-        if rank0 and not lock.acquire():
+        if rank == 0 and not lock.acquire():
             raise RuntimeError(f"{run_dir}: another job holds this run's lock; not starting a second trainer")
         try:
-            ckpt = latest_checkpoint(run_dir)
-            before = set(_versions(run_dir))
-            attempts = ((read_state(run_dir) or {}).get("attempts") or 0) + 1
-            cmd = [
-                self.python,
-                "-m",
-                "em_lightning",
-                "fit",
-                "--config",
-                str(run_dir / CONFIG_FILE),
-                *self.launch_args,
-                *(["--ckpt_path", str(ckpt)] if ckpt else []),
-            ]
-            if rank0:
-                update_state(
-                    run_dir,
-                    state="running",
-                    job_id=_job_id(),
-                    launcher=self.launcher,
-                    pid=os.getpid(),
-                    attempts=attempts,
-                    resumed_from=str(ckpt) if ckpt else None,
-                    returncode=None,
-                    error=None,
-                    command=shlex.join(cmd),
-                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                    **provenance(),
-                )
-            log = run_dir / ("train.log" if rank0 else f"train.rank{rank}.log")  # one writer per file
-            rc = self._train(cmd, log, attempts, lock)
-            if not rank0:
-                return "trained"
-            version = _newest(set(_versions(run_dir)) - before) or _newest(set(_versions(run_dir)))
-            finished = rc == 0 and _finished(run_dir, version)
-            if finished:
-                update_state(run_dir, state=DONE, returncode=rc, version=version)
-                return DONE
-            tail = _tail(run_dir / "train.log")
-            reason = f"exit status {rc}" if rc else "the trainer stopped before the end (no adapters/final)"
-            lines = [x for x in tail.splitlines() if x.strip()]
-            key = next((x for x in reversed(lines) if x.startswith("error:")), lines[-1] if lines else "")
-            update_state(
-                run_dir,
-                state="failed",
-                returncode=rc,
-                version=version,
-                error=f"{reason}: {key.strip()}\n{tail}",
-            )
-            raise RuntimeError(f"{run_dir.name}: {reason}; see {run_dir / 'train.log'}")
+            attempt = self._next_attempt(run_dir)
+            if rank == 0:
+                self._mark_running(run_dir, attempt)
+            rc = self._train(attempt.cmd, train_log(run_dir, rank), attempt.number, lock)
+            return self._record_outcome(run_dir, rc, attempt) if rank == 0 else "trained"
         except BaseException as err:
-            if rank0 and not self._requeued and not isinstance(err, RuntimeError):
+            if rank == 0 and not self._requeued and not isinstance(err, RuntimeError):
                 self._stop()
                 update_state(run_dir, state="interrupted", error=f"{type(err).__name__}: {err}")
             raise
         finally:
             lock.release()
+
+    def _next_attempt(self, run_dir: Path) -> Attempt:
+        ckpt = rundir.newest_checkpoint(run_dir)
+        cmd = [
+            self.python,
+            "-m",
+            "em_lightning",
+            "fit",
+            "--config",
+            str(run_dir / rundir.CONFIG),
+            *self.launch_args,
+            *(["--ckpt_path", str(ckpt)] if ckpt else []),
+        ]
+        number = ((read_state(run_dir) or {}).get("attempts") or 0) + 1
+        return Attempt(cmd, ckpt, number, frozenset(rundir.version_dirs(run_dir)))
+
+    def _mark_running(self, run_dir: Path, attempt: Attempt) -> None:
+        update_state(
+            run_dir,
+            state="running",
+            job_id=_job_id(),
+            launcher=self.launcher,
+            pid=os.getpid(),
+            attempts=attempt.number,
+            resumed_from=str(attempt.ckpt) if attempt.ckpt else None,
+            returncode=None,
+            error=None,
+            command=shlex.join(attempt.cmd),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            **provenance(),
+        )
+
+    def _record_outcome(self, run_dir: Path, rc: int, attempt: Attempt) -> str:
+        """``done`` when the trainer exited 0 and wrote its final adapter; else ``failed`` with the log's tail,
+        and a RuntimeError for submitit (the job failed)."""
+        versions = set(rundir.version_dirs(run_dir))
+        version = _newest(versions - attempt.versions_before) or _newest(versions)
+        if rc == 0 and _finished(run_dir, version):
+            update_state(run_dir, state=rundir.DONE, returncode=rc, version=version.name)
+            return rundir.DONE
+        log = train_log(run_dir)
+        tail = _tail(log)
+        final = f"{rundir.ADAPTERS}/{rundir.FINAL_ADAPTER}"
+        reason = f"exit status {rc}" if rc else f"the trainer stopped before the end (no {final})"
+        lines = [x for x in tail.splitlines() if x.strip()]
+        key = next((x for x in reversed(lines) if x.startswith("error:")), lines[-1] if lines else "")
+        update_state(
+            run_dir,
+            state="failed",
+            returncode=rc,
+            version=version.name if version else None,
+            error=f"{reason}: {key.strip()}\n{tail}",
+        )
+        raise RuntimeError(f"{run_dir.name}: {reason}; see {log}")
 
     def _train(self, cmd: list[str], log_path: Path, attempt: int, lock: RunLock) -> int:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in self.env.items()}}
@@ -164,37 +184,27 @@ class RunJob(Checkpointable):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest ``version_N/checkpoints/last.ckpt`` of the run (what a resume starts from)."""
-    found = [p for v in _versions(run_dir) if (p := Path(run_dir) / v / "checkpoints" / "last.ckpt").exists()]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+def train_log(run_dir: str | Path, rank: int = 0) -> Path:
+    """The trainer's output of a sweep run: ``train.log``, and ``train.rank<N>.log`` for the other ranks of a
+    multi-task job (one writer per file)."""
+    name = Path(rundir.TRAIN_LOG)
+    return Path(run_dir) / (name.name if rank == 0 else f"{name.stem}.rank{rank}{name.suffix}")
 
 
-def _versions(run_dir: str | Path) -> list[str]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    return [
-        p.name
-        for p in run_dir.iterdir()
-        if p.is_dir() and p.name.startswith("version_") and p.name[len("version_") :].isdigit()
-    ]
+def _newest(versions: set[Path]) -> Path | None:
+    return max(versions, key=lambda v: int(v.name.rsplit("_", 1)[1])) if versions else None
 
 
-def _newest(versions: set[str]) -> str | None:
-    return max(versions, key=lambda v: int(v.split("_")[1])) if versions else None
-
-
-def _finished(run_dir: Path, version: str | None) -> bool:
+def _finished(run_dir: Path, version: Path | None) -> bool:
     """A trainer that exits 0 after SIGTERM stopped early: the end of fit is its final adapter dir."""
     if version is None:
         return False
     import yaml
 
-    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    config = yaml.safe_load((run_dir / rundir.CONFIG).read_text(encoding="utf-8")) or {}
     if not (config.get("adapter_export") or {}).get("enabled", True):
         return True
-    return (run_dir / version / "adapters" / "final").is_dir()
+    return rundir.adapter_dir(version).is_dir()
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -1,15 +1,14 @@
-"""A run's full config, resolved by the training CLI itself, and its hash.
+"""A run's full config, resolved by the training CLI's own parser, and its hash.
 
-The CLI's own parser (``fit ... --print_config``) stacks the base files, the overlays and the run's keys, so a
-run's ``config.yaml`` is exactly what ``python -m em_lightning fit --config <run>/config.yaml`` trains, and an
-unknown key or a bad value is the parser's error, prefixed with the run it belongs to.
+The ``fit`` parser of the training CLI (:func:`em_lightning.cli.resolve_fit_config`, the text ``fit ...
+--print_config`` would print) stacks the base files, the overlays and the run's keys, so a run's ``config.yaml``
+is exactly what ``python -m em_lightning fit --config <run>/config.yaml`` trains, and an unknown key or a bad
+value is the parser's error, prefixed with the run it belongs to.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from em_lightning import rundir
 from em_lightning.errors import InputError
 from em_lightning.sweep.spec import RunSpec, Sweep, SweepError
 
@@ -47,8 +47,7 @@ def resolve(sweep: Sweep, run: RunSpec) -> Resolved:
         path = Path(tmp) / "run.yaml"
         path.write_text(yaml.safe_dump(overlay, sort_keys=False), encoding="utf-8")
         files = [*sweep.base, *run.configs, str(path)]
-        text = _print_config(sweep, run, [a for f in files for a in ("--config", f)])
-    config = yaml.safe_load(text)
+        text, config = _resolve_config(sweep, run, [a for f in files for a in ("--config", f)])
     logger = (config.get("trainer") or {}).get("logger")
     if not (isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("TensorBoardLogger")):
         raise SweepError(
@@ -57,7 +56,7 @@ def resolve(sweep: Sweep, run: RunSpec) -> Resolved:
         )
     header = (
         f"# Run {run.name} of sweep {sweep.name} ({sweep.path}), written by `python -m em_lightning sweep`.\n"
-        f"# Train it alone: python -m em_lightning fit --config {run_dir / 'config.yaml'}\n"
+        f"# Train it alone: python -m em_lightning fit --config {run_dir / rundir.CONFIG}\n"
     )
     return Resolved(run, run_dir, header + text, config, config_hash(config))
 
@@ -101,26 +100,19 @@ def nested(dotted: dict[str, Any]) -> dict:
     return out
 
 
-def _print_config(sweep: Sweep, run: RunSpec, config_args: list[str]) -> str:
-    from em_lightning.__main__ import main
+def _resolve_config(sweep: Sweep, run: RunSpec, config_args: list[str]) -> tuple[str, dict]:
+    from em_lightning.cli import ConfigRejected, resolve_fit_config  # Lightning and the module: only here
 
-    out, err = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main(["fit", *config_args, "--print_config"])
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            lines = [x.strip() for x in err.getvalue().splitlines() if x.strip()]
-            start = max((i for i, x in enumerate(lines) if x.startswith("error:")), default=len(lines) - 1)
-            reason = " ".join(lines[start:])  # jsonargparse's error spans lines: keep it, on one
-            reason = reason if len(reason) <= 600 else reason[:600] + " ..."
-            raise SweepError(
-                f"{sweep.path}: run {run.name}: the training CLI rejects its config: "
-                f"{reason.removeprefix('error: ')}"
-            ) from None
-    except InputError as error:
+        return resolve_fit_config(config_args)
+    except ConfigRejected as error:
+        reason = str(error)
+        reason = reason if len(reason) <= 600 else reason[:600] + " ..."
+        raise SweepError(
+            f"{sweep.path}: run {run.name}: the training CLI rejects its config: {reason}"
+        ) from None
+    except InputError as error:  # the CLI's own checks (e.g. an old class path), already naming file:line
         raise SweepError(f"{sweep.path}: run {run.name}: {error}") from None
-    return out.getvalue()
 
 
 def _strip(config: dict) -> dict:

@@ -1,7 +1,8 @@
 """A run's state file (``run.json``), its locks, and the provenance recorded with each attempt.
 
-Only the standard library here: the module is imported inside every job (a submitit task), which must start
-fast and must not need torch to decide what to run.
+Only the standard library (and :mod:`em_lightning.rundir`, which names the run dir's files and is standard
+library too) here: the module is imported inside every job (a submitit task), which must start fast and must not
+need torch to decide what to run.
 
 Locks are ``flock`` locks: the kernel drops them when the holding process dies, however it dies (SIGKILL, OOM,
 a node reboot), so "is this run's job still alive?" is "can I take its lock?" — no pid file that outlives its
@@ -21,17 +22,13 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from em_lightning import rundir
 from em_lightning.errors import InputError
 
-STATE_FILE = "run.json"
-CONFIG_FILE = "config.yaml"
+# The lock files are the sweep's own (not part of what a run wrote); the run's files are named in rundir.
 RUN_LOCK = ".run.lock"
 SWEEP_LOCK = ".sweep.lock"
-DONE = "done"
-# pending: dir written, not launched; submitted: queued (job id known); running: a job trains it; requeued:
-# its job was signalled and requeued itself; failed: the trainer exited without finishing; interrupted:
-# stopped by the user. Every state but done is resumed by the next `sweep` invocation unless its job is alive.
-STATES = ("pending", "submitted", "running", "requeued", "failed", "interrupted", DONE)
+STATE_LOCK = ".state.lock"
 LIBRARIES = ("em-lightning", "torch", "lightning", "transformers", "peft", "submitit")
 
 
@@ -40,7 +37,7 @@ class SweepLocked(InputError):
 
 
 def read_state(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / STATE_FILE
+    path = Path(run_dir) / rundir.STATE
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -51,8 +48,8 @@ def read_state(run_dir: str | Path) -> dict | None:
 
 def write_state(run_dir: str | Path, state: dict) -> None:
     """Write ``run.json`` atomically (a reader never sees half a file)."""
-    path = Path(run_dir) / STATE_FILE
-    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+    path = Path(run_dir) / rundir.STATE
+    tmp = path.with_name(f".{rundir.STATE}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
@@ -61,7 +58,7 @@ def update_state(run_dir: str | Path, only_if: tuple[str, ...] | None = None, **
     """Read-modify-write ``run.json`` under a lock (the sweep process and the job both write it). A change of
     ``state`` is appended to ``history``. With ``only_if``, the state changes only from one of those states
     (the sweep's "submitted" must not overwrite a fast job's "running")."""
-    with _flocked(Path(run_dir) / ".state.lock"):
+    with _flocked(Path(run_dir) / STATE_LOCK):
         state = read_state(run_dir) or {}
         if only_if is not None and state.get("state") not in only_if:
             fields.pop("state", None)
