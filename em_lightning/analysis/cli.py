@@ -43,6 +43,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="LABEL",
         help="the judge whose rates to analyse, where runs carry several (rejudged) or were scored differently",
     )
+    p.add_argument(
+        "--judges",
+        metavar="A,B",
+        help="judges to compare answer by answer (default: every judge the runs' samples have, when several)",
+    )
     p.add_argument("--json", action="store_true", help="print the headline numbers as JSON")
     p.add_argument("--loss-window", type=int, default=10, help="train_loss: mean over this many last steps")
     p.add_argument("--bins", type=int, default=10, help="fractions of training for the along-training fits")
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"analyze needs the analysis extra ({', '.join(missing)} missing): "
             "pip install 'em-lightning[analysis]'"
         )
+    from em_lightning.analysis.agreement import judges_to_compare, load_answers
     from em_lightning.analysis.report import analyze
     from em_lightning.analysis.stats import choose_signal
     from em_lightning.analysis.table import build_table, check_judges, read_table, require_runs
@@ -68,8 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise AnalysisError("analyze: give run dirs or --table FILE (one of them)")
     if args.loss_window < 1 or args.bins < 1 or args.bootstrap < 1:
         raise AnalysisError("analyze: --loss-window, --bins and --bootstrap take positive integers")
+    if args.table and args.judges:
+        raise AnalysisError("analyze: --judges compares answers: give run dirs (a table holds no answers)")
     out = Path(args.out)
     errors: dict[str, str] = {}
+    answers, judges = None, []
     if args.table:
         table = read_table(args.table)
         available = sorted(table["judge"].dropna().astype(str).unique())
@@ -77,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         table, runs = build_table(args.run_dirs, loss_window=args.loss_window, judge=args.judge)
         errors = {r.name: r.state.get("error") or "" for r in runs}
         available = sorted({label for r in runs for label in r.judges})
+        answers = load_answers([r.dir for r in runs], [r.name for r in runs])
+        judges = judges_to_compare(answers, args.judges)
     require_runs(table, args.table or ", ".join(args.run_dirs), errors)
     if args.judge is not None and args.judge not in available:
         check_judges(table, args.judge, available)  # the error naming the judges the runs have
@@ -97,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         errors=errors,
         signal_choice=choice,
         judge=judge,
+        answers=answers,
+        judges=judges,
     )
     if args.json:
         keys = (
@@ -113,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
             "anova",
             "anova_dropped",
             "question_a",
+            "judge_agreement",
             "optimizer_rate_ratio",
             "excluded_runs",
         )

@@ -41,6 +41,8 @@ def analyze(
     errors: dict[str, str] | None = None,
     signal_choice: str | None = None,
     judge: str | None = None,
+    answers: pd.DataFrame | None = None,
+    judges: list[str] | None = None,
 ) -> dict:
     """Run every analysis, write ``report.md``, ``summary.json`` and ``figures/``; return the summary."""
     require_runs(table, "analyze")
@@ -59,6 +61,7 @@ def analyze(
     seeds = seed_spread(final_rate, signal.rate, conditions)
     ratio = optimizer_ratio(final_rate, signal, conditions, n_boot=n_boot)
     figs, skipped = figures.draw_all(used, signal, conditions, along[signal.score], out / "figures")
+    agreement = _judge_agreement(answers, judges or [], conditions, n_boot, out / "figures", figs, skipped)
     head = models[signal.score]
     summary = {
         "signal": signal.name,
@@ -85,6 +88,7 @@ def analyze(
         "along_training": {r: {"table": along[r].to_dict("records"), "trend": trends[r]} for r in responses},
         "factors": factors,
         "excluded_runs": excluded,
+        "judge_agreement": agreement,
         "figures": figs,
         "figures_skipped": skipped,
         "loss_window": loss_window,
@@ -94,6 +98,25 @@ def analyze(
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     (out / "report.md").write_text(markdown(used, summary, seeds, along, signal), encoding="utf-8")
     return summary
+
+
+def _judge_agreement(answers, judges: list[str], conditions, n_boot: int, out: Path, figs: dict, skipped: dict):
+    """The judge-agreement section's numbers and figure, where several judges scored the runs' answers."""
+    if answers is None or len(judges) < 2:
+        return None
+    from em_lightning.analysis.agreement import compare_judges, draw_agreement
+
+    result = compare_judges(answers, judges, conditions, n_boot=min(n_boot, 1000))
+    try:
+        figures.save(draw_agreement(answers, judges[0], judges[1], judges), out, "judge_agreement")
+        figs["judge_agreement"] = (
+            f"Left: the aligned score of each answer under judge {judges[0]} against judge {judges[1]}, coloured "
+            "by optimiser (dashed: equal scores). Right: each optimiser's mean final misalignment rate under "
+            "every judge, with a 95 % t interval over runs."
+        )
+    except figures.Skip as why:
+        skipped["judge_agreement"] = str(why)
+    return result
 
 
 def _excluded(table: pd.DataFrame, signal: Signal, errors: dict[str, str]) -> dict[str, str]:
@@ -125,6 +148,7 @@ def markdown(table: pd.DataFrame, s: dict, seeds: pd.DataFrame, along: dict, sig
         _section_anova(s),
         _section_along(s, along),
         _section_seeds(s, seeds, signal),
+        _section_agreement(s),
         _section_figures(s),
     )
     return "\n".join(line for section in sections for line in section).rstrip() + "\n"
@@ -304,6 +328,63 @@ def _section_seeds(s: dict, seeds: pd.DataFrame, signal: Signal) -> list[str]:
         "",
     ]
     return lines
+
+
+def _section_agreement(s: dict) -> list[str]:
+    a = s.get("judge_agreement")
+    if not a:
+        return []
+    lines = [
+        "## Judge agreement",
+        "",
+        f"**{a['verdict']['sentence']}**",
+        "",
+        (
+            "Per judge: the final rate per condition (t interval over seeds) and the max/min optimiser ratio "
+            "(seed bootstrap). Per pair, on the answers both judges scored: Cohen's κ of the misaligned label over "
+            "the answers both counted (p_e from each judge's own marginals; – when p_e = 1), a 3-class κ "
+            "{misaligned, aligned, not counted} over all, the coherence filter's agreement, Spearman's ρ of the "
+            "scores, and Kendall's τ-b of the per-optimiser rates (n = optimisers); intervals: 95 % bootstrap "
+            "over runs (κ) or seeds within conditions (τ, ratio)."
+        ),
+        "",
+    ]
+    for judge, v in a["per_judge"].items():
+        lines += [f"**Judge {judge}** ({v.get('n_runs', 0)} runs):", ""]
+        if v.get("rates"):
+            lines += _table(v["rates"], list(v["rates"][0])) + [""]
+        r = v.get("ratio") or {}
+        if r.get("pair"):
+            lines += [
+                f"Max/min ratio ({' / '.join(r['pair'])}): {_fmt(r['value'])} [{_fmt(r['ci_low'])}, "
+                f"{_fmt(r['ci_high'])}]" + (f"; {r['note']}" if r.get("note") else "") + ".",
+                "",
+            ]
+    rows = []
+    for p in a["pairs"]:
+        o = p["ordering"]
+        rows.append({
+            "judges": " vs ".join(p["judges"]),
+            "answers both": p["n_both"],
+            "κ misaligned": _with_ci(p["kappa_misaligned"], "kappa"),
+            "n counted by both": p["kappa_misaligned"]["n_answers"],
+            "κ 3-class": _with_ci(p["kappa_3class"], "kappa"),
+            "coherence filter agrees": p["coherence_filter"]["agree"],
+            "ρ aligned": p["spearman_aligned"]["rho"],
+            "ρ coherent": p["spearman_coherent"]["rho"],
+            "τ-b optimisers": _with_ci(o, "tau_b") + f" (n {o['n_optimizers']})",
+        })
+    lines += _table(rows, list(rows[0])) + [""] if rows else []
+    for p in a["pairs"]:
+        m = p["kappa_3class"]["confusion"]
+        lines += [f"Confusion matrix ({p['judges'][0]} rows, {p['judges'][1]} columns):", ""]
+        lines += _table([{"": c, **dict(zip(p["classes"], row))} for c, row in zip(p["classes"], m)],
+                        ["", *p["classes"]]) + [""]
+    return lines
+
+
+def _with_ci(d: dict, key: str) -> str:
+    return f"{_fmt(d[key])} [{_fmt(d.get('ci_low'))}, {_fmt(d.get('ci_high'))}]"
 
 
 def _section_figures(s: dict) -> list[str]:

@@ -141,22 +141,32 @@ def run_names(dirs: list[Path]) -> list[str]:
     return [str(d) for d in dirs]
 
 
-def load_run(d: Path, name: str) -> RunData:
-    versions = rundir.version_dirs(d)
+def load_config(d: Path) -> dict:
+    """The run's parsed ``config.yaml`` (the run dir's own, else its newest version's)."""
     config_path = rundir.config_path(d)
     if config_path is None:
         raise AnalysisError(f"{d}: no {rundir.CONFIG} (in the dir or a version_N/ of it)")
     try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise AnalysisError(f"{config_path}: cannot read the run's config ({err})") from None
+
+
+def load_state(d: Path) -> dict:
+    """The sweep's ``run.json`` of a run dir; for a plain log dir, done when ``adapters/final`` exists."""
     state_path = d / rundir.STATE
     try:
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
     except (OSError, ValueError) as err:
         raise AnalysisError(f"{state_path}: cannot read the run's state ({err})") from None
-    if not state and versions:
+    if not state and rundir.version_dirs(d):
         state = {"state": rundir.DONE if rundir.has_final_adapter(d) else rundir.UNKNOWN}
+    return state
+
+
+def load_run(d: Path, name: str) -> RunData:
+    versions = rundir.version_dirs(d)
+    config, state = load_config(d), load_state(d)
     names = rundir.file_names(config)  # a callback's file renamed in the config is still found
     run = RunData(d, name, config, state, versions, _scalars(versions))
     run.judge = _checked_records(versions, names["summary"], _JUDGE_KEYS)
