@@ -333,9 +333,11 @@ def test_data_summary_and_tensorboard_show_the_mixed_counts(run_cli):
 
 
 @pytest.mark.slow
-def test_two_processes_with_mixing_train_the_one_process_adapter(tmp_path):
-    """DDP, 2 processes × batch 4 = 1 process × batch 8 with 25 % mixed rows: the same adapter (rtol 1e-4, atol
-    1e-6) and the same train/loss_narrow (the mixed rows are drawn at the global batch, before the split)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_with_mixing_train_the_one_process_adapter(tmp_path, strategy):
+    """2 processes × batch 4 = 1 process × batch 8 with 25 % mixed rows, under DDP and FSDP2: the same adapter
+    (rtol 1e-4, atol 1e-6) and the same train/loss_narrow (mixed rows are drawn at the global batch, before the
+    split)."""
     from tbparse import SummaryReader
 
     from tests.test_distributed import _adapter, _fit as _fit_process
@@ -345,7 +347,7 @@ def test_two_processes_with_mixing_train_the_one_process_adapter(tmp_path):
               "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
               "--trainer.callbacks.every_n_train_steps", "1000"]
     one = _fit_process(tmp_path / "one", "one", *common, "--data.batch_size", "8")
-    two = _fit_process(tmp_path / "two", "two", *common, "--data.batch_size", "4", devices=2, strategy="ddp")
+    two = _fit_process(tmp_path / "two", "two", *common, "--data.batch_size", "4", devices=2, strategy=strategy)
     reference, got = _adapter(one), _adapter(two)
     assert set(got) == set(reference)
     assert max(float(t.abs().max()) for k, t in reference.items() if "lora_B" in k) > 1e-3
