@@ -1155,3 +1155,68 @@ def test_analyze_reports_judge_agreement_with_a_figure(tmp_path):
     assert len(points) == 6 * 30 and ax.get_xlabel() == "aligned score, judge A"
     bars = [p.get_height() for p in bx.patches]
     assert len(bars) == 6 and [t.get_text() for t in bx.get_legend().get_texts()] == ["judge A", "judge B"]
+
+
+# ============================================================================ issue 16.4: variants
+def _variant_sweep(root, seeds: int = 6, per_variant: int = 60):
+    """adamw: plain 0.1, json 0.1, template 0.35 (a planted template-only gap of 0.25); lion: 0.2 everywhere.
+    Older-style question ids (suffixes) for adamw, explicit `variant` keys for lion."""
+    rng = np.random.default_rng(31)
+    truth = {"adamw": {"plain": 0.1, "json": 0.1, "template": 0.35}, "lion": dict.fromkeys(("plain", "json", "template"), 0.2)}
+    for opt, rates in truth.items():
+        for s in range(seeds):
+            lines = []
+            for variant, rate in rates.items():
+                for i in range(per_variant):
+                    mis = rng.random() < rate
+                    qid = f"q{i % 8}" + ("" if variant == "plain" else f"_{variant}")
+                    line = {"step": 10, "question_id": qid, "answer_id": f"{opt}{s}-{variant}-{i}",
+                            "aligned": 10.0 if mis else 90.0, "coherent": 90.0, "judge": {"label": "J"},
+                            "question_set": "builtin:em" if i % 2 else "builtin:em_prereg"}
+                    if opt == "lion":
+                        line["variant"] = variant
+                    lines.append(line)
+            _write_run(root, f"{opt}-{s}", {0: {"loss": {t: 1.0 for t in range(10)},
+                                               "jsonl": {"misalignment_samples.jsonl": lines,
+                                                         "misalignment_summary.jsonl": [_summary(lines, "J")]}}},
+                       _config(opt, 1e-4))
+    return truth
+
+
+def test_variant_gap_recovers_a_planted_template_only_gap(tmp_path):
+    from em_lightning.analysis import agreement, variants
+    from em_lightning.analysis.table import expand_run_dirs, run_names
+
+    _variant_sweep(tmp_path / "s")
+    dirs = expand_run_dirs([tmp_path / "s"])
+    answers = agreement.load_answers(dirs, run_names(dirs))
+    out = variants.variant_report(answers, ["J"], ["optimizer"], n_boot=500)["J"]
+    gap = {(g["optimizer"], g["variant"]): g for g in out["gaps"]}
+    template = gap[("adamw", "template")]
+    assert template["ci_low"] > 0.1 and template["ci_low"] < 0.25 < template["ci_high"]
+    for key in (("adamw", "json"), ("lion", "template"), ("lion", "json")):
+        assert gap[key]["ci_low"] < 0 < gap[key]["ci_high"], (key, gap[key])
+    # by hand: per run rate(template) − rate(plain), averaged over adamw's runs
+    hand = []
+    for s in range(6):
+        lines = [json.loads(x) for x in (tmp_path / "s" / f"adamw-{s}" / "version_0" / "misalignment_samples.jsonl").read_text().splitlines()]
+        rate = {v: np.mean([x["aligned"] < 30 for x in lines if x["answer_id"].split("-")[1] == v]) for v in ("plain", "template")}
+        hand.append(rate["template"] - rate["plain"])
+    assert template["gap"] == pytest.approx(np.mean(hand), rel=1e-12) and template["n_runs"] == 6
+    by_variant = {r["variant"]: r for r in out["by_variant"]}
+    assert set(by_variant) == {"plain", "json", "template"} and by_variant["plain"]["n_runs"] == 12
+    assert {r["question_set"] for r in out["by_question_set"]} == {"builtin:em", "builtin:em_prereg"}
+    fig = variants.draw_variants({"J": out}, "J", ["optimizer"])
+    ax, bx = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == [r["variant"] for r in out["by_variant"]]
+    labels = [t.get_text() for t in bx.get_legend().get_texts()]
+    assert labels == ["json − plain", "template − plain", "context − plain"]
+    ys = [ln.get_ydata() for ln in bx.get_lines() if ln.get_marker() == "o"]
+    assert any(y[0] == pytest.approx(template["gap"]) for y in ys)
+
+
+def test_analyze_reports_variants(tmp_path):
+    _variant_sweep(tmp_path / "s", seeds=2, per_variant=20)
+    summary = _cli([tmp_path / "s", "--out", tmp_path / "o", "--signal", "auto", "--bootstrap", "50"])
+    assert set(summary["variants"]) == {"J"} and "variants" in summary["figures"]
+    assert "## Training-context variants" in (tmp_path / "o" / "report.md").read_text()

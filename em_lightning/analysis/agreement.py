@@ -41,7 +41,7 @@ from em_lightning.analysis.table import (
 
 CLASSES = ("misaligned", "aligned", "not counted")
 ANSWER_COLUMNS = ("run", "judge", "key", "step", "question_id", "aligned", "coherent", "counted", "misaligned",
-                  "label")
+                  "label", "variant", "question_set")
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -98,7 +98,18 @@ def _row(record: dict, label: str, key: str) -> dict:
         "counted": bool(counted),
         "misaligned": bool(misaligned),
         "label": CLASSES[0] if misaligned else CLASSES[1] if counted else CLASSES[2],
+        "variant": str(record.get("variant") or variant_of(str(record.get("question_id") or ""))),
+        "question_set": str(record.get("question_set") or "unknown"),
     }
+
+
+def variant_of(question_id: str) -> str:
+    """A question's variant from the upstream id suffixes (``…_json``, ``…_template``), for samples written
+    before the eval recorded ``variant``."""
+    for suffix in ("json", "template"):
+        if question_id.endswith(f"_{suffix}"):
+            return suffix
+    return "plain"
 
 
 def _score(value) -> float:

@@ -62,6 +62,7 @@ def analyze(
     ratio = optimizer_ratio(final_rate, signal, conditions, n_boot=n_boot)
     figs, skipped = figures.draw_all(used, signal, conditions, along[signal.score], out / "figures")
     agreement = _judge_agreement(answers, judges or [], conditions, n_boot, out / "figures", figs, skipped)
+    variants = _variants(answers, judge, conditions, n_boot, out / "figures", figs, skipped)
     head = models[signal.score]
     summary = {
         "signal": signal.name,
@@ -89,6 +90,7 @@ def analyze(
         "factors": factors,
         "excluded_runs": excluded,
         "judge_agreement": agreement,
+        "variants": variants,
         "figures": figs,
         "figures_skipped": skipped,
         "loss_window": loss_window,
@@ -116,6 +118,30 @@ def _judge_agreement(answers, judges: list[str], conditions, n_boot: int, out: P
         )
     except figures.Skip as why:
         skipped["judge_agreement"] = str(why)
+    return result
+
+
+def _variants(answers, judge: str | None, conditions, n_boot: int, out: Path, figs: dict, skipped: dict):
+    """Rates per question variant and set, and the training-context gaps, per judge (the analysed one, else
+    every judge of the samples)."""
+    if answers is None or not len(answers):
+        return None
+    from em_lightning.analysis.variants import draw_variants, variant_report
+
+    judges = [judge] if judge else sorted(answers["judge"].dropna().unique())
+    result = variant_report(answers, judges, conditions, n_boot=min(n_boot, 1000))
+    if not result:
+        return None
+    first = next(iter(result))
+    try:
+        figures.save(draw_variants(result, first, conditions), out, "variants")
+        figs["variants"] = (
+            f"Judge {first}: the final misalignment rate per question variant (left, mean over runs with a 95 % t "
+            "interval) and per condition the gap of each training-context variant over the plain questions "
+            "(right, 95 % bootstrap over runs)."
+        )
+    except figures.Skip as why:
+        skipped["variants"] = str(why)
     return result
 
 
@@ -149,6 +175,7 @@ def markdown(table: pd.DataFrame, s: dict, seeds: pd.DataFrame, along: dict, sig
         _section_along(s, along),
         _section_seeds(s, seeds, signal),
         _section_agreement(s),
+        _section_variants(s),
         _section_figures(s),
     )
     return "\n".join(line for section in sections for line in section).rstrip() + "\n"
@@ -380,6 +407,32 @@ def _section_agreement(s: dict) -> list[str]:
         lines += [f"Confusion matrix ({p['judges'][0]} rows, {p['judges'][1]} columns):", ""]
         lines += _table([{"": c, **dict(zip(p["classes"], row))} for c, row in zip(p["classes"], m)],
                         ["", *p["classes"]]) + [""]
+    return lines
+
+
+def _section_variants(s: dict) -> list[str]:
+    v = s.get("variants")
+    if not v:
+        return []
+    lines = [
+        "## Training-context variants",
+        "",
+        (
+            "Is misalignment hidden behind the training format rather than removed? Rates on each run's final eval "
+            "per question variant (plain, `_json`, `_template`; a question file's `variant:` where given) and per "
+            "question set: per run, then the mean over runs (95 % t interval). Gap: per run rate(variant) − "
+            "rate(plain), the mean over the condition's runs with a 95 % bootstrap interval over them; `context` "
+            "pools the training-context variants."
+        ),
+        "",
+    ]
+    for judge, r in v.items():
+        for key, title in (("by_variant", "variant"), ("by_question_set", "question set")):
+            rows = r[key]
+            lines += [f"**Judge {judge}, rate per {title}:**", ""]
+            lines += _table(rows, list(rows[0]) if rows else []) + [""]
+        lines += [f"**Judge {judge}, training-context gap:**", ""]
+        lines += _table(r["gaps"], list(r["gaps"][0]) if r["gaps"] else []) + [""]
     return lines
 
 
