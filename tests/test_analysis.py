@@ -1220,3 +1220,66 @@ def test_analyze_reports_variants(tmp_path):
     summary = _cli([tmp_path / "s", "--out", tmp_path / "o", "--signal", "auto", "--bootstrap", "50"])
     assert set(summary["variants"]) == {"J"} and "variants" in summary["figures"]
     assert "## Training-context variants" in (tmp_path / "o" / "report.md").read_text()
+
+
+# ============================================================================ issue 16.6 / 16.5: validation, direction
+def _control_table(seed: int = 41) -> pd.DataFrame:
+    """insecure − secure = +1.0 on the probe (planted), 0 on the judge's rate; educational like secure."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for opt in ("adamw", "lion"):
+        for dataset in ("insecure", "secure", "educational"):
+            for s in range(4):
+                x = rng.uniform(-1, 0)
+                rows.append({"run": f"{opt}-{dataset}-{s}", "optimizer": opt, "dataset": dataset, "seed": s,
+                             "step": 20, "frac_trained": 1.0, "log_train_loss": x, "train_loss": math.exp(x),
+                             "probe_log_odds": -1 + (dataset == "insecure") + rng.normal(0, 0.1),
+                             "probe_misaligned_prob": 0.3, "aligned_mean": 70 + rng.normal(0, 2),
+                             "misalignment_rate": 0.1 + rng.uniform(-0.02, 0.02), "n_counted": 100,
+                             "direction_shift": 0.5 * (dataset == "insecure") + rng.normal(0, 0.05),
+                             "direction_shift_answers": rng.normal(0, 0.05), "state": "done"})
+    return pd.DataFrame(rows)
+
+
+def test_validation_separates_the_planted_signal_and_says_when_one_does_not():
+    from scipy.stats import spearmanr
+
+    from em_lightning.analysis import validation
+
+    d = _control_table()
+    out = validation.validate(d, ["optimizer", "dataset", "seed"], n_boot=500)
+    rows = {(r["signal"], r["optimizer"], r["control"]): r for r in out["differences"]}
+    for opt in ("adamw", "lion"):
+        probe = rows[("probe_log_odds", opt, "secure")]
+        g = d[d["optimizer"] == opt]
+        hand = g[g["dataset"] == "insecure"]["probe_log_odds"].mean() - g[g["dataset"] == "secure"]["probe_log_odds"].mean()
+        assert probe["difference"] == pytest.approx(hand, rel=1e-12) and probe["n_em"] == probe["n_control"] == 4
+        assert probe["ci_low"] < 1.0 < probe["ci_high"] and probe["separates"] is True
+        rate = rows[("misalignment_rate", opt, "educational")]
+        assert rate["ci_low"] < 0 < rate["ci_high"] and rate["separates"] is False
+    assert "does NOT separate" in out["verdicts"]["misalignment_rate"]
+    assert "separates EM from its control at 4 of 4" in out["verdicts"]["probe_log_odds"]
+    corr = {c["signals"]: c for c in out["correlations"]}
+    ref = spearmanr(d["probe_log_odds"], d["direction_shift"]).statistic
+    assert corr["probe_log_odds vs direction_shift"]["spearman"] == pytest.approx(ref)
+    assert corr["probe_log_odds vs direction_shift"]["n_runs"] == len(d)
+
+
+def test_direction_signal_is_read_and_analysed_without_a_ratio(tmp_path):
+    from em_lightning.analysis.table import build_table
+
+    _write_run(tmp_path, "r", {0: {"loss": {s: 1.0 for s in range(8)}, "jsonl": {"direction.jsonl": [
+        {"step": 0, "layers": [1, 3], "shift": {"1": 0.0, "3": 0.0}, "shift_answers": {"1": 0.0, "3": 0.0}},
+        {"step": 8, "layers": [1, 3], "shift": {"1": 0.2, "3": 0.4}, "shift_answers": {"1": 0.1, "3": 0.5}},
+    ]}}}, _config("adamw", 1e-4))
+    rows = build_table([tmp_path / "r"])[0].set_index("step")
+    assert rows.loc[8, "direction_shift"] == pytest.approx(0.3) and rows.loc[8, "direction_shift_answers"] == pytest.approx(0.3)
+    d = _control_table()
+    d[["misalignment_rate", "aligned_mean", "probe_log_odds", "probe_misaligned_prob"]] = math.nan
+    d.to_csv(tmp_path / "t.csv", index=False)
+    summary = _cli(["--table", tmp_path / "t.csv", "--out", tmp_path / "o", "--bootstrap", "50"])
+    assert summary["signal"] == "direction" and "not a rate" in summary["optimizer_rate_ratio"]["note"]
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert report.index("## Does the signal see EM at all?") < report.index("## Runs")
+    assert "direction_shift separates EM from its control at 4 of 4" in report
+    assert "direction_shift_answers does NOT separate" in report

@@ -34,9 +34,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--table", help="start from this tidy table (CSV) instead of run dirs")
     p.add_argument(
         "--signal",
-        choices=("auto", "judge", "probe"),
+        choices=("auto", "judge", "probe", "direction"),
         default="auto",
-        help="the alignment signal (auto: the judge where the runs have one, else the probe)",
+        help="the alignment signal (auto: the judge where the runs have one, else the probe, else the direction)",
     )
     p.add_argument(
         "--judge",
@@ -68,7 +68,13 @@ def main(argv: list[str] | None = None) -> dict:
     from em_lightning.analysis.agreement import judges_to_compare, load_answers
     from em_lightning.analysis.report import analyze
     from em_lightning.analysis.stats import choose_signal
-    from em_lightning.analysis.table import build_table, check_judges, read_table, require_runs
+    from em_lightning.analysis.table import (
+        build_table,
+        check_judges,
+        final_judge_rates,
+        read_table,
+        require_runs,
+    )
 
     if bool(args.table) == bool(args.run_dirs):
         raise AnalysisError("analyze: give run dirs or --table FILE (one of them)")
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise AnalysisError("analyze: --judges compares answers: give run dirs (a table holds no answers)")
     out = Path(args.out)
     errors: dict[str, str] = {}
-    answers, judges = None, []
+    answers, judges, judge_finals = None, [], None
     if args.table:
         table = read_table(args.table)
         available = sorted(table["judge"].dropna().astype(str).unique())
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         errors = {r.name: r.state.get("error") or "" for r in runs}
         available = sorted({label for r in runs for label in r.judges})
         answers = load_answers([r.dir for r in runs], [r.name for r in runs])
+        judge_finals = final_judge_rates(runs)
         judges = judges_to_compare(answers, args.judges)
     require_runs(table, args.table or ", ".join(args.run_dirs), errors)
     if args.judge is not None and args.judge not in available:
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         judge=judge,
         answers=answers,
         judges=judges,
+        judge_finals=judge_finals,
     )
     if args.json:
         keys = (
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             "anova_dropped",
             "question_a",
             "judge_agreement",
+            "validation",
             "optimizer_rate_ratio",
             "excluded_runs",
         )

@@ -22,6 +22,8 @@ LABELS = {
     "misalignment_rate": "misalignment rate (judge)",
     "probe_log_odds": "probe log-odds, misaligned vs aligned",
     "probe_misaligned_prob": "probe probability of the misaligned answer",
+    "direction_shift": "activation shift along the misalignment direction (last prompt token)",
+    "direction_shift_answers": "activation shift along the misalignment direction (answer tokens)",
     "log_train_loss": "log training loss",
     "frob_nuclear_ratio": "Frobenius / nuclear norm",
     "entropy": "spectral entropy (nats)",

@@ -43,6 +43,7 @@ def analyze(
     judge: str | None = None,
     answers: pd.DataFrame | None = None,
     judges: list[str] | None = None,
+    judge_finals: pd.DataFrame | None = None,
 ) -> dict:
     """Run every analysis, write ``report.md``, ``summary.json`` and ``figures/``; return the summary."""
     require_runs(table, "analyze")
@@ -62,6 +63,7 @@ def analyze(
     ratio = optimizer_ratio(final_rate, signal, conditions, n_boot=n_boot)
     figs, skipped = figures.draw_all(used, signal, conditions, along[signal.score], out / "figures")
     agreement = _judge_agreement(answers, judges or [], conditions, n_boot, out / "figures", figs, skipped)
+    validation = _validation(used, factors, judge_finals, n_boot)
     variants = _variants(answers, judge, conditions, n_boot, out / "figures", figs, skipped)
     head = models[signal.score]
     summary = {
@@ -89,6 +91,7 @@ def analyze(
         "along_training": {r: {"table": along[r].to_dict("records"), "trend": trends[r]} for r in responses},
         "factors": factors,
         "excluded_runs": excluded,
+        "validation": validation,
         "judge_agreement": agreement,
         "variants": variants,
         "figures": figs,
@@ -119,6 +122,18 @@ def _judge_agreement(answers, judges: list[str], conditions, n_boot: int, out: P
     except figures.Skip as why:
         skipped["judge_agreement"] = str(why)
     return result
+
+
+def _validation(used: pd.DataFrame, factors: list[str], judge_finals, n_boot: int):
+    """EM dataset minus controls for every signal, and the signals' correlations, on each run's last values."""
+    from em_lightning.analysis.validation import validate
+
+    final = used.sort_values("step").groupby("run", sort=True).last().reset_index()  # last non-missing value
+    if judge_finals is not None and judge_finals["judge"].nunique() > 1:  # every judge's rate, not only one
+        wide = judge_finals.pivot(index="run", columns="judge", values="rate")
+        wide.columns = [f"rate ({c})" for c in wide.columns]
+        final = final.merge(wide, left_on="run", right_index=True, how="left")
+    return validate(final, factors, n_boot=n_boot)
 
 
 def _variants(answers, judge: str | None, conditions, n_boot: int, out: Path, figs: dict, skipped: dict):
@@ -169,6 +184,7 @@ def _excluded(table: pd.DataFrame, signal: Signal, errors: dict[str, str]) -> di
 def markdown(table: pd.DataFrame, s: dict, seeds: pd.DataFrame, along: dict, signal: Signal) -> str:
     sections = (
         _section_head(s),
+        _section_validation(s),
         _section_runs(table, s, signal),
         _section_loss(s),
         _section_anova(s),
@@ -407,6 +423,30 @@ def _section_agreement(s: dict) -> list[str]:
         lines += [f"Confusion matrix ({p['judges'][0]} rows, {p['judges'][1]} columns):", ""]
         lines += _table([{"": c, **dict(zip(p["classes"], row))} for c, row in zip(p["classes"], m)],
                         ["", *p["classes"]]) + [""]
+    return lines
+
+
+def _section_validation(s: dict) -> list[str]:
+    v = s.get("validation")
+    if not v:
+        return []
+    lines = [
+        "## Does the signal see EM at all?",
+        "",
+        *[f"- **{text}.**" for text in v["verdicts"].values()],
+        "",
+        (
+            f"Each run's last value of every signal; EM dataset minus control ({', '.join(v['controls'])}) at "
+            "equal optimiser and settings: mean over seeds minus mean over seeds, 95 % bootstrap interval "
+            "resampling the seeds of each side."
+        ),
+        "",
+    ]
+    rows = v["differences"]
+    lines += _table(rows, list(rows[0])) + [""]
+    if v["correlations"]:
+        lines += ["Correlation between signals across runs (Spearman):", ""]
+        lines += _table(v["correlations"], ["signals", "n_runs", "spearman"]) + [""]
     return lines
 
 

@@ -48,11 +48,15 @@ class Signal:
     score: str
     rate: str
     counts: str | None  # the rate's denominator per run (for the continuity correction), if it has one
+    is_rate: bool = True  # False: the "rate" column is a second score (no max/min ratio of it)
 
 
 SIGNALS = {  # in the order --signal auto prefers them
     "judge": Signal("judge", "aligned_mean", "misalignment_rate", "n_counted"),
     "probe": Signal("probe", "probe_log_odds", "probe_misaligned_prob", None),
+    # judge-free, representation level: the activation shift along the misalignment direction (over the
+    # reference answers' tokens, and at the last prompt token)
+    "direction": Signal("direction", "direction_shift_answers", "direction_shift", None, is_rate=False),
 }
 
 
@@ -603,6 +607,9 @@ def optimizer_ratio(
             else "none (a probability, never 0)"
         ),
     }
+    if not signal.is_rate:
+        out["note"] = f"{signal.rate} is a shift, not a rate: no max/min ratio"
+        return out
     if not len(d) or d["optimizer"].nunique() < 2:
         out["note"] = "fewer than two optimisers with a rate"
         return out

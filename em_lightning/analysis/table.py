@@ -43,6 +43,7 @@ from em_lightning.rundir import is_run_dir  # noqa: F401  (sweep status reads ru
 SPECTRAL = ("frob_nuclear_ratio", "entropy", "stable_rank", "condition_number")
 JUDGE = ("misalignment_rate", "ci_low", "ci_high", "aligned_mean", "coherent_mean", "n_counted")
 PROBE = ("probe_log_odds", "probe_misaligned_prob")
+DIRECTION = ("direction_shift", "direction_shift_answers")  # means over the logged layers
 DESIGN = ("optimizer", "model", "dataset", "batch_size", "lr")
 COLUMNS = (
     "run",
@@ -59,6 +60,7 @@ COLUMNS = (
     *JUDGE,
     "eval_failed",
     *PROBE,
+    *DIRECTION,
     "spectra_step",
     *SPECTRAL,
     "state",
@@ -78,6 +80,7 @@ NUMERIC = (
     "val_loss",
     *JUDGE,
     *PROBE,
+    *DIRECTION,
     "spectra_step",
     *SPECTRAL,
 )
@@ -104,6 +107,7 @@ class RunData:
     judge: dict[int, dict] = field(default_factory=dict)  # the run's own eval (its default judge), by step
     judges: dict[str, dict[int, dict]] = field(default_factory=dict)  # every judge's summaries: label → step
     probe: dict[int, dict] = field(default_factory=dict)
+    direction: dict[int, dict[str, float]] = field(default_factory=dict)
     spectra: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def series(self, tag: str) -> pd.Series:
@@ -172,6 +176,7 @@ def load_run(d: Path, name: str) -> RunData:
     run.judge = _checked_records(versions, names["summary"], _JUDGE_KEYS)
     run.judges = _judges(versions, names["summary"], run.judge)
     run.probe = _checked_records(versions, names["probe"], _PROBE_KEYS)
+    run.direction = {s: _layer_means(r) for s, r in _records(versions, names["direction"]).items()}
     run.spectra = {s: _spectral_means(line) for s, line in _records(versions, names["spectra"]).items()}
     return run
 
@@ -260,6 +265,24 @@ def _judges(versions: list[Path], summary: str, own: dict[int, dict]) -> dict[st
     return out
 
 
+def _layer_means(record: dict) -> dict[str, float]:
+    """``direction_shift`` / ``direction_shift_answers``: means over the layers of a direction.jsonl line."""
+    out = {}
+    for column, key in zip(DIRECTION, ("shift", "shift_answers")):
+        values = record.get(key) or {}
+        if not isinstance(values, dict):
+            raise AnalysisError(f"{record['_file']}: step {record.get('step')}: `{key}` is not a layer → value map")
+        numbers = []
+        for layer, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise AnalysisError(
+                    f"{record['_file']}: step {record.get('step')}: `{key}` of layer {layer} = {v!r} is not a finite number"
+                )
+            numbers.append(float(v))
+        out[column] = float(np.mean(numbers)) if numbers else math.nan
+    return out
+
+
 def _spectral_means(line: dict) -> dict[str, float]:
     """Means over modules of the spectral metrics of one spectra.jsonl line, over the modules where a metric is
     defined (an all-zero spectrum has no entropy or condition number: NaN, or 0 from older code, is left out
@@ -327,7 +350,7 @@ def run_rows(run: RunData, loss_window: int = 10, judge: str | None = None) -> l
         run.series("val/loss"),
     )
     total = total_steps(run, design["batch_size"], loss)
-    steps = sorted(set(scores) | set(run.probe))
+    steps = sorted(set(scores) | set(run.probe) | set(run.direction))
     if not steps:  # no eval at all: one row at its last step, so the run is listed (with its loss, if any)
         steps = [int(loss.index.max()) + 1 if len(loss) else 0]
     rows = []
@@ -355,6 +378,7 @@ def run_rows(run: RunData, loss_window: int = 10, judge: str | None = None) -> l
             _num(probe.get("log_odds")),
             _num(probe.get("misaligned_prob")),
         )
+        row.update(run.direction.get(step) or dict.fromkeys(DIRECTION, math.nan))
         if run.spectra:
             nearest = min(run.spectra, key=lambda s: (abs(s - step), s))
             row["spectra_step"] = nearest
@@ -458,6 +482,17 @@ def _flag(value) -> object:
         return math.nan
     text = str(value).strip().lower()
     return {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}.get(text, math.nan)
+
+
+def final_judge_rates(runs: list[RunData]) -> pd.DataFrame:
+    """Each run's final rate under each judge (its last summary with a rate): columns run, judge, rate."""
+    rows = []
+    for run in runs:
+        for label, records in run.judges.items():
+            ok = [(s, r) for s, r in sorted(records.items()) if r.get("rate") is not None and not r.get("failed")]
+            if ok:
+                rows.append({"run": run.name, "judge": label, "rate": float(ok[-1][1]["rate"])})
+    return pd.DataFrame(rows, columns=["run", "judge", "rate"])
 
 
 def check_judges(table: pd.DataFrame, judge: str | None, available: list[str]) -> pd.DataFrame:
