@@ -256,3 +256,13 @@ def test_every_judge_overlay_parses(path, tmp_path, capsys):
     extra = (config.get("judge_server") or {}).get("extra_args") or []
     if "vllm" in path.name:  # open-weight judges are pinned by revision
         assert revision_of(extra)
+
+
+def test_evaluate_output_without_config_takes_the_question_set_its_samples_name(tmp_path):
+    """``evaluate``'s output dir has no config.yaml: the samples' question_set names the file with the prompts."""
+    with FakeOpenAI() as first:
+        version = make_run(tmp_path, first, steps=(2,))
+    (version / rundir.CONFIG).unlink()
+    with FakeOpenAI() as second:
+        rejudge([str(version)], judge=JudgeConfig(label="c", base_url=second.url), progress=False)
+    assert len(rundir.read_jsonl(rundir.judged_dir(version, "c") / rundir.SAMPLES)) == 6

@@ -14,7 +14,8 @@ in-training eval writes, so ``analyze`` reads them like the first judge's. The o
   filter is part of what two judges are compared on). Lines with no answer (a refused generation request) and
   failure lines are skipped.
 * The judge prompts come from the question file named in the run's ``config.yaml`` (the ``MisalignmentEval``
-  callback's ``questions``) or ``--questions``.
+  callback's ``questions``) or ``--questions``; without either (``evaluate``'s output dir), from the
+  ``question_set`` its samples name.
 * Resumable and idempotent: each scored answer is appended as one whole line as soon as its scores are in, keyed
   by its ``answer_id`` (older files without one: ``<samples file>:<line>``); a second call scores only the
   answers not yet in the output, and then (re)writes the summaries from the whole output.
@@ -276,13 +277,20 @@ def rejudge(
 
 
 def _questions_for(target: Target, override: str | list[str] | None) -> dict[str, Question]:
-    source = override or target.questions
+    """The questions by id: ``--questions``, else the run's eval ``questions``, else the ``question_set`` its
+    samples name (``evaluate``'s output dir has no config.yaml)."""
+    source = override or target.questions or _sets_named_in(target.samples)
     if not source:
         raise InputError(
-            f"questions: {target.version_dir} has no MisalignmentEval in its config.yaml to take the question "
-            "file from; pass --questions"
+            f"questions: {target.version_dir} has no MisalignmentEval in its config.yaml and its samples name "
+            "no question_set to take the judge prompts from; pass --questions"
         )
     return {q.id: q for q in load_questions(source)}
+
+
+def _sets_named_in(samples: Path) -> list[str]:
+    sets = {r.get("question_set") for _, r in rundir.iter_jsonl(samples)} if samples.is_file() else set()
+    return sorted(s for s in sets if s)
 
 
 def _judge_server(judge: JudgeConfig, server: SidecarConfig, cancel: threading.Event) -> VLLMSidecar | None:
