@@ -42,7 +42,7 @@ from em_lightning.batching import (
     TokenizedDataset,
 )
 from em_lightning.errors import InputError, UnreadableFile, read_text
-from em_lightning.mixing import MixSource, MixSpec, build_selector, check_mix_specs
+from em_lightning.mixing import MixSource, build_selector, parse_mix_specs
 
 ROLES = ("system", "user", "assistant")
 ALIGNED_FILE = Path(__file__).parent / "data_assets" / "aligned.jsonl"
@@ -365,11 +365,12 @@ class ChatDataModule(lightning.LightningDataModule):
             On a GPU (``flex_attention``, flash-attention varlen) it is unmeasured: ``scripts/bench_gpu.py``.
         seed: seed of the train/val split, of the batch order and of the mixed rows' order.
         num_workers: DataLoader worker processes (collation is cheap; 0 is usually right).
-        mix: chat sets interleaved into training (:class:`em_lightning.mixing.MixSpec`: ``source``, ``fraction``,
-            ``selector`` ...): after s optimizer steps exactly round(s·f·G) rows of a set with fraction f have been
-            trained on, in place of narrow rows, so a step still has G rows (the global batch). An epoch is one
-            pass over the narrow rows (``train_file``); ``val_fraction`` holds out narrow rows only, and mixed
-            rows never enter validation. Their loss is the ordinary task loss; ``train/loss_narrow`` is the loss on
+        mix: chat sets interleaved into training, each a mapping with the keys of
+            :class:`em_lightning.mixing.MixSpec` (``source`` and ``fraction`` required; ``selector``,
+            ``selector_args``, ``max_rows``, ``hf_split``): after s optimizer steps exactly round(s·f·G) rows of a
+            set with fraction f have been trained on, in place of narrow rows, so a step still has G rows (the
+            global batch). An epoch is one pass over the narrow rows (``train_file``); ``val_fraction`` holds out
+            narrow rows only, and mixed rows never enter validation. Their loss is the ordinary task loss; ``train/loss_narrow`` is the loss on
             the narrow rows alone, ``train/mixed_rows`` the mixed rows trained on so far, and the data summary
             (``data/mix/<source>/...``) counts each set's rows and its rows per epoch. See
             ``configs/mitigations/interleave.yaml``.
@@ -391,11 +392,10 @@ class ChatDataModule(lightning.LightningDataModule):
         padding_free: bool = False,
         seed: int = 0,
         num_workers: int = 0,
-        mix: list[MixSpec] | None = None,
+        mix: list[dict[str, Any]] | None = None,
     ):
         super().__init__()
-        mix = [MixSpec(**m) if isinstance(m, dict) else m for m in mix or []]  # dicts: from a checkpoint
-        check_mix_specs(mix)
+        mix = parse_mix_specs(mix)
         for key, value, ok in (
             ("max_length", max_length, max_length >= 1),
             ("batch_size", batch_size, batch_size >= 1),

@@ -58,12 +58,38 @@ class MixSpec:
     selector_args: dict[str, Any] = field(default_factory=dict)
 
 
-def check_mix_specs(specs: Sequence[MixSpec]) -> None:
-    """An ``InputError`` naming the key for a fraction outside (0, 1) or fractions that leave no narrow rows."""
+def parse_mix_specs(entries: Sequence[dict | MixSpec] | None) -> list[MixSpec]:
+    """``data.mix`` as :class:`MixSpec` s, checked; an ``InputError`` naming the key for an unknown or missing key,
+    a fraction outside (0, 1) or fractions that leave no narrow rows.
+
+    The config holds plain mappings (so ``config.yaml`` and checkpoints record exactly what was stated); every
+    entry states its ``source`` and ``fraction``."""
+    known = set(MixSpec.__dataclass_fields__)
+    specs = []
+    for i, entry in enumerate(entries or []):
+        if isinstance(entry, MixSpec):
+            specs.append(entry)
+            continue
+        if not isinstance(entry, dict):
+            raise InputError(f"data.mix[{i}]: expected a mapping with source and fraction, got {entry!r}")
+        unknown, missing = set(entry) - known, {"source", "fraction"} - set(entry)
+        if unknown or missing:
+            problem = f"unknown key(s) {sorted(unknown)}" if unknown else f"missing key(s) {sorted(missing)}"
+            raise InputError(f"data.mix[{i}]: {problem} (keys: {', '.join(MixSpec.__dataclass_fields__)})")
+        specs.append(MixSpec(**entry))
+    _check_mix_specs(specs)
+    return specs
+
+
+def _check_mix_specs(specs: Sequence[MixSpec]) -> None:
     for i, spec in enumerate(specs):
+        if not isinstance(spec.source, str) or not spec.source:
+            raise InputError(f"data.mix[{i}].source: expected a data source (path, builtin:, em:, hf:), got {spec.source!r}")
         if not isinstance(spec.fraction, (int, float)) or not 0 < spec.fraction < 1:
             raise InputError(f"data.mix[{i}].fraction: {spec.fraction!r} is not a share strictly between 0 and 1")
-        if spec.max_rows is not None and spec.max_rows < 1:
+        if not isinstance(spec.selector_args, dict):
+            raise InputError(f"data.mix[{i}].selector_args: expected a mapping, got {spec.selector_args!r}")
+        if spec.max_rows is not None and (not isinstance(spec.max_rows, int) or spec.max_rows < 1):
             raise InputError(f"data.mix[{i}].max_rows: invalid value {spec.max_rows!r}")
     total = sum(Fraction(str(s.fraction)) for s in specs)
     if total >= 1:

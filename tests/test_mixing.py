@@ -208,19 +208,34 @@ def test_a_selector_named_by_class_path_picks_the_mixed_rows():
     assert Counter(mixed) == Counter((chosen * 10)[: len(mixed)])
 
 
+ALIGNED = {"source": "builtin:aligned", "fraction": 0.05}
+
+
 @pytest.mark.parametrize("mix,key", [
-    ([{"fraction": 0.0}], "data.mix[0].fraction"),
-    ([{"fraction": 1.2}], "data.mix[0].fraction"),
-    ([{"fraction": 0.5}, {"source": "builtin:demo", "fraction": 0.5}], "data.mix: the fractions sum to 1"),
-    ([{"selector": "tests.test_mixing.NoSuchSelector"}], "data.mix[0].selector: cannot import"),
-    ([{"selector": "em_lightning.data.ChatRow"}], "data.mix[0].selector: 'em_lightning.data.ChatRow' is not a"),
-    ([{"selector": "tests.test_mixing.EveryThirdRow", "selector_args": {"nope": 1}}], "data.mix[0].selector_args"),
-    ([{"source": "builtin:nothing"}], "builtin:nothing: unknown built-in dataset"),
+    ([{**ALIGNED, "fraction": 0.0}], "data.mix[0].fraction"),
+    ([ALIGNED, {**ALIGNED, "fraction": 1.2}], "data.mix[1].fraction"),
+    ([{**ALIGNED, "fraction": 0.5}, {"source": "builtin:demo", "fraction": 0.5}], "data.mix: the fractions sum to 1"),
+    ([{"source": "builtin:aligned"}], "data.mix[0]: missing key(s) ['fraction']"),
+    ([{**ALIGNED, "fractoin": 0.1}], "data.mix[0]: unknown key(s) ['fractoin']"),
+    ([{**ALIGNED, "selector": "tests.test_mixing.NoSuchSelector"}], "data.mix[0].selector: cannot import"),
+    ([{**ALIGNED, "selector": "em_lightning.data.ChatRow"}], "data.mix[0].selector: 'em_lightning.data.ChatRow' is"),
+    ([{**ALIGNED, "selector": "tests.test_mixing.EveryThirdRow", "selector_args": {"nope": 1}}],
+     "data.mix[0].selector_args"),
+    ([{**ALIGNED, "source": "builtin:nothing"}], "builtin:nothing: unknown built-in dataset"),
 ])
 def test_bad_mix_settings_name_the_key(mix, key):
     with pytest.raises(InputError) as err:
         _module(mix=mix)
     assert key in str(err.value)
+
+
+def test_bad_mix_setting_is_one_error_line_from_the_command_line(cli_error, tmp_path, monkeypatch):
+    from tests.conftest import CONFIGS
+
+    monkeypatch.chdir(tmp_path)
+    status, errors = cli_error("fit", "--config", str(CONFIGS / "tiny.yaml"), "--data.mix",
+                               "[{source: builtin:aligned, fraction: 1.5}]", "--trainer.max_steps", "1")
+    assert status == 2 and any("data.mix[0].fraction" in line for line in errors), errors
 
 
 def test_validation_holds_out_narrow_rows_only():
@@ -340,8 +355,9 @@ def test_two_processes_with_mixing_train_the_one_process_adapter(tmp_path, strat
     split)."""
     from tbparse import SummaryReader
 
-    from tests.test_distributed import _adapter, _fit as _fit_process
     from tests.conftest import CONFIGS
+    from tests.test_distributed import _adapter
+    from tests.test_distributed import _fit as _fit_process
 
     common = ["--config", str(CONFIGS / "mitigations" / "interleave.yaml"), "--data.mix", MIX,
               "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
