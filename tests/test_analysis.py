@@ -1283,3 +1283,63 @@ def test_direction_signal_is_read_and_analysed_without_a_ratio(tmp_path):
     assert report.index("## Does the signal see EM at all?") < report.index("## Runs")
     assert "direction_shift separates EM from its control at 4 of 4" in report
     assert "direction_shift_answers does NOT separate" in report
+
+
+# ============================================================================ issue 17.5: mitigations
+def _mitigation_table(seed: int = 51) -> pd.DataFrame:
+    """kl cuts the rate to a quarter (reduction 0.75) and costs 0.3 validation loss; spectral does little."""
+    rng = np.random.default_rng(seed)
+    effect = {"none": (1.0, 0.0), "kl": (0.25, 0.3), "spectral": (0.9, 0.02)}
+    rows = []
+    for opt, base in (("adamw", 0.2), ("lion", 0.3)):
+        for dataset in ("insecure", "secure"):
+            for s in range(5):
+                seed_shift = rng.normal(0, 0.03)  # shared by a seed's runs: what pairing removes
+                for mit, (factor, cost) in effect.items():
+                    rate = (base if dataset == "insecure" else 0.02) * factor + rng.normal(0, 0.005)
+                    val = 1.0 + cost + seed_shift + rng.normal(0, 0.01)
+                    rows.append({"run": f"{opt}-{dataset}-{mit}-{s}", "optimizer": opt, "dataset": dataset,
+                                 "mitigation": mit, "seed": s, "step": 50, "frac_trained": 1.0,
+                                 "log_train_loss": math.log(0.8 + cost / 3), "train_loss": 0.8 + cost / 3,
+                                 "val_loss": val, "misalignment_rate": float(np.clip(rate, 0, 1)), "n_counted": 200,
+                                 "aligned_mean": 80 - 50 * rate, "coherent_mean": 85 - 10 * cost, "state": "done"})
+    return pd.DataFrame(rows)
+
+
+def test_mitigation_comparison_pairs_by_seed_and_recovers_the_planted_effects(tmp_path):
+    from em_lightning.analysis import mitigations
+
+    d = _mitigation_table()
+    factors = ["optimizer", "dataset", "mitigation", "seed"]
+    out = mitigations.compare(d, factors, n_boot=500)
+    rows = {(r["mitigation"], r["optimizer"], r["dataset"]): r for r in out["rows"]}
+    assert len(rows) == 2 * 2 * 2
+    kl = rows[("kl", "adamw", "insecure")]
+    g = d[(d["optimizer"] == "adamw") & (d["dataset"] == "insecure")].set_index("seed")
+    mit, none = g[g["mitigation"] == "kl"], g[g["mitigation"] == "none"]
+    hand = (mit["val_loss"] - none["val_loss"]).mean()
+    assert kl["val_loss"]["difference"] == pytest.approx(hand, rel=1e-12) and kl["val_loss"]["n_pairs"] == 5
+    assert kl["val_loss"]["ci_low"] < 0.3 < kl["val_loss"]["ci_high"]
+    r = kl["misalignment_rate"]
+    assert r["reduction"] == pytest.approx(1 - mit["misalignment_rate"].mean() / none["misalignment_rate"].mean())
+    assert r["reduction_ci_low"] < 0.75 < r["reduction_ci_high"] and r["reduction_ci_low"] > 0.5
+    assert kl["role"] == "narrow task" and rows[("kl", "adamw", "secure")]["role"] == "benign task"
+    assert kl["train_loss_cost"]["difference"] == pytest.approx(0.1)
+    assert kl["coherence"]["difference"] == pytest.approx(-3.0)
+    spectral = rows[("spectral", "lion", "insecure")]["val_loss"]
+    assert spectral["ci_low"] < 0.02 < spectral["ci_high"]
+    fig = mitigations.draw_pareto(d, "misalignment_rate", factors)
+    ax = fig.axes[0]
+    from matplotlib.collections import PathCollection
+
+    points = np.concatenate([c.get_offsets() for c in ax.collections if isinstance(c, PathCollection)])
+    em = d[d["dataset"] == "insecure"]
+    assert len(points) == len(em) and sorted(points[:, 0]) == pytest.approx(sorted(em["val_loss"]))
+    assert len([ln for ln in ax.get_lines() if len(ln.get_xdata()) == 2]) == 2 * 2 * 5  # mitigated EM runs
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"none", "kl", "spectral", "adamw", "lion"}
+    assert ax.get_xlabel().startswith("validation loss") and ax.get_ylabel() == "misalignment rate (judge)"
+    d.to_csv(tmp_path / "t.csv", index=False)
+    summary = _cli(["--table", tmp_path / "t.csv", "--out", tmp_path / "o", "--bootstrap", "100"])
+    assert "mitigation_pareto" in summary["figures"] and len(summary["mitigations"]["rows"]) == 8
+    assert {r["val_loss"]["n_pairs"] for r in summary["mitigations"]["rows"]} == {5}  # paired by seed, not crossed
+    assert "## Mitigations side by side" in (tmp_path / "o" / "report.md").read_text()

@@ -63,7 +63,7 @@ def analyze(
     ratio = optimizer_ratio(final_rate, signal, conditions, n_boot=n_boot)
     figs, skipped = figures.draw_all(used, signal, conditions, along[signal.score], out / "figures")
     agreement = _judge_agreement(answers, judges or [], conditions, n_boot, out / "figures", figs, skipped)
-    validation = _validation(used, factors, judge_finals, n_boot)
+    validation, mitigation = _validation(used, factors, judge_finals, n_boot, signal, out / "figures", figs, skipped)
     variants = _variants(answers, judge, conditions, n_boot, out / "figures", figs, skipped)
     head = models[signal.score]
     summary = {
@@ -92,6 +92,7 @@ def analyze(
         "factors": factors,
         "excluded_runs": excluded,
         "validation": validation,
+        "mitigations": mitigation,
         "judge_agreement": agreement,
         "variants": variants,
         "figures": figs,
@@ -124,8 +125,11 @@ def _judge_agreement(answers, judges: list[str], conditions, n_boot: int, out: P
     return result
 
 
-def _validation(used: pd.DataFrame, factors: list[str], judge_finals, n_boot: int):
-    """EM dataset minus controls for every signal, and the signals' correlations, on each run's last values."""
+def _validation(used: pd.DataFrame, factors: list[str], judge_finals, n_boot: int, signal: Signal, out: Path,
+                figs: dict, skipped: dict):
+    """On each run's last values: EM dataset minus controls for every signal (and the signals' correlations),
+    and, for a sweep with a mitigation axis, the mitigation comparison and its Pareto figure."""
+    from em_lightning.analysis import mitigations
     from em_lightning.analysis.validation import validate
 
     final = used.sort_values("step").groupby("run", sort=True).last().reset_index()  # last non-missing value
@@ -133,7 +137,18 @@ def _validation(used: pd.DataFrame, factors: list[str], judge_finals, n_boot: in
         wide = judge_finals.pivot(index="run", columns="judge", values="rate")
         wide.columns = [f"rate ({c})" for c in wide.columns]
         final = final.merge(wide, left_on="run", right_index=True, how="left")
-    return validate(final, factors, n_boot=n_boot)
+    comparison = mitigations.compare(final, factors, n_boot=n_boot)
+    if comparison is not None:
+        try:
+            figures.save(mitigations.draw_pareto(final, signal.rate, factors), out, "mitigation_pareto")
+            figs["mitigation_pareto"] = (
+                f"Each run on the EM datasets: {figures.label(signal.rate)} against the final validation loss on "
+                "held-out narrow-task rows; marker: mitigation (outlined: none), colour: optimiser; thin lines join "
+                "each unmitigated run to its mitigated twins of the same seed."
+            )
+        except figures.Skip as why:
+            skipped["mitigation_pareto"] = str(why)
+    return validate(final, factors, n_boot=n_boot), comparison
 
 
 def _variants(answers, judge: str | None, conditions, n_boot: int, out: Path, figs: dict, skipped: dict):
@@ -190,6 +205,7 @@ def markdown(table: pd.DataFrame, s: dict, seeds: pd.DataFrame, along: dict, sig
         _section_anova(s),
         _section_along(s, along),
         _section_seeds(s, seeds, signal),
+        _section_mitigations(s),
         _section_agreement(s),
         _section_variants(s),
         _section_figures(s),
@@ -448,6 +464,45 @@ def _section_validation(s: dict) -> list[str]:
         lines += ["Correlation between signals across runs (Spearman):", ""]
         lines += _table(v["correlations"], ["signals", "n_runs", "spearman"]) + [""]
     return lines
+
+
+def _section_mitigations(s: dict) -> list[str]:
+    m = s.get("mitigations")
+    if not m:
+        return []
+    lines = [
+        "## Mitigations side by side",
+        "",
+        (
+            "Each mitigated run paired with the unmitigated (`none`) run of the same optimiser, dataset and seed; "
+            "means of the paired differences (mitigated − none) with 95 % bootstrap intervals over the seed "
+            "pairs. (a) misalignment per signal (for rates also the relative reduction 1 − mitigated/none); (b) / "
+            "(e) validation loss on held-out rows of the narrow (EM) / benign (control) training set; (c) the "
+            f"training-loss cost (`{m.get('train_loss_column', 'train_loss')}`), an interval, not a verdict; (d) "
+            "the judge's coherent mean."
+        ),
+        "",
+    ]
+    if not m["rows"]:
+        return lines + [m.get("note", ""), ""]
+    columns = ["mitigation", *[c for c in ("optimizer", "dataset") if c in m["rows"][0]], "role"]
+    rows = []
+    for r in m["rows"]:
+        row = {c: r[c] for c in columns}
+        for signal in m["signals"]:
+            v = r.get(signal) or {}
+            row[f"Δ {signal}"] = _with_ci(v, "difference") if v else "–"
+            if v and "reduction" in v:
+                row[f"reduction {signal}"] = (
+                    f"{_fmt(v['reduction'])} [{_fmt(v['reduction_ci_low'])}, {_fmt(v['reduction_ci_high'])}]"
+                )
+        for key, name in (("val_loss", "Δ val loss"), ("train_loss_cost", "Δ train loss"), ("coherence", "Δ coherent")):
+            v = r.get(key)
+            row[name] = _with_ci(v, "difference") if v else "–"
+        row["pairs"] = max((v.get("n_pairs", 0) for v in r.values() if isinstance(v, dict)), default=0)
+        rows.append(row)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return lines + _table(rows, keys) + [""]
 
 
 def _section_variants(s: dict) -> list[str]:

@@ -56,6 +56,7 @@ COLUMNS = (
     "train_loss",
     "log_train_loss",
     "val_loss",
+    "train_loss_narrow",
     "judge",
     *JUDGE,
     "eval_failed",
@@ -78,6 +79,7 @@ NUMERIC = (
     "train_loss",
     "log_train_loss",
     "val_loss",
+    "train_loss_narrow",
     *JUDGE,
     *PROBE,
     *DIRECTION,
@@ -89,7 +91,7 @@ RATES = ("misalignment_rate", "ci_low", "ci_high", "probe_misaligned_prob")
 _JUDGE_KEYS = {"rate": True, "ci_low": True, "ci_high": True, "aligned_mean": False, "coherent_mean": False,
                "n_counted": False}
 _PROBE_KEYS = {"log_odds": False, "misaligned_prob": True}
-TAGS = ("train/loss", "train/supervised_tokens", "val/loss", "data/train/rows")
+TAGS = ("train/loss", "train/supervised_tokens", "val/loss", "data/train/rows", "train/loss_narrow")
 
 
 class AnalysisError(InputError):
@@ -344,10 +346,11 @@ def run_rows(run: RunData, loss_window: int = 10, judge: str | None = None) -> l
     scores = run.judges.get(judge, {}) if judge else run.judge
     design = describe(run.config, run.state.get("values") or {})
     world = design.pop("_world")
-    loss, tokens, val = (
+    loss, tokens, val, narrow = (
         run.series("train/loss"),
         run.series("train/supervised_tokens"),
         run.series("val/loss"),
+        run.series("train/loss_narrow"),  # the narrow rows' own loss where safe data was mixed in
     )
     total = total_steps(run, design["batch_size"], loss)
     steps = sorted(set(scores) | set(run.probe) | set(run.direction))
@@ -357,6 +360,7 @@ def run_rows(run: RunData, loss_window: int = 10, judge: str | None = None) -> l
     for step in steps:
         window = loss[(loss.index >= step - loss_window) & (loss.index <= step - 1)]
         train_loss = float(window.mean()) if len(window) else math.nan
+        narrow_window = narrow[(narrow.index >= step - loss_window) & (narrow.index <= step - 1)]
         before = tokens[tokens.index <= step - 1]
         row = {
             "run": run.name,
@@ -367,6 +371,7 @@ def run_rows(run: RunData, loss_window: int = 10, judge: str | None = None) -> l
             "train_loss": train_loss,
             "log_train_loss": math.log(train_loss) if train_loss > 0 else math.nan,
             "val_loss": float(val[val.index <= step].iloc[-1]) if (val.index <= step).any() else math.nan,
+            "train_loss_narrow": float(narrow_window.mean()) if len(narrow_window) else math.nan,
         }
         record = scores.get(step) or {}
         row["eval_failed"] = bool(record.get("failed")) if record else math.nan
