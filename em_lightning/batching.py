@@ -151,6 +151,11 @@ class StepSampler(DistributedSampler):
     ``n < world · m`` (only with ``batch_size`` 1, or fewer rows than ranks) some rank would get an empty one: the
     step keeps ``world · (n // world)`` rows and the rest are dropped, with a warning.
 
+    With ``mix`` (:mod:`em_lightning.mixing`) only the dataset's narrow rows (its first ``narrow_rows``) are
+    shuffled and cut as above, into chunks of ``G`` minus the step's mixed rows; each step's mixed rows are then
+    added before the split. Steps are numbered over the whole run (``epoch_start_step``), so the mixed counts run
+    on across epochs.
+
     It is a ``DistributedSampler`` so that Lightning keeps it under DDP instead of replacing it. ``skip_batches``
     makes the next iteration start that many micro-batches in (set by :class:`ResumableDataLoader`).
     """

@@ -516,6 +516,19 @@ class ChatDataModule(lightning.LightningDataModule):
             self.summary[mix_summary_key(source.label)]["rows_per_epoch"] = sampler.schedule.used(i, steps)
         rank_zero_info(f"[em_lightning] data with mixed-in sets: {self.describe()}")
 
+    def state_dict(self) -> dict:
+        """The mixed sets, in the checkpoint: they decide which rows every later step trains on."""
+        return {"mix": self.hparams["mix"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("mix", [])
+        if saved != self.hparams["mix"]:
+            raise InputError(
+                f"data.mix: the checkpoint was written with {saved or 'no mixed sets'}, this run has "
+                f"{self.hparams['mix'] or 'none'}; resuming with other mixed sets would change the rows of every "
+                "later step (start a new run, or resume with the checkpoint's data.mix)"
+            )
+
     def val_dataloader(self) -> DataLoader | list:
         self.setup()
         if self.val_set is None:

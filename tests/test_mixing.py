@@ -174,6 +174,25 @@ def test_lightning_resume_mid_epoch_with_mixing_sees_the_uninterrupted_rows(tmp_
         assert sum(flag for batch in full[:done] for _, flag in batch) == _expected_used(k, 0.3, 4)
 
 
+def test_resuming_with_other_mixed_sets_names_the_key(tmp_path):
+    narrow_file, mixed_file = _chat_file(tmp_path / "narrow.jsonl", 20, "narrow"), _chat_file(tmp_path / "m.jsonl", 9, "mix")
+
+    def fit(fraction, ckpt_path=None):
+        dm = ChatDataModule(train_file=str(narrow_file), tokenizer="tiny-qwen3", val_fraction=0.0, batch_size=2,
+                            mix=[{"source": str(mixed_file), "fraction": fraction}])
+        every_2 = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2)
+        trainer = L.Trainer(max_steps=3 if ckpt_path else 2, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                            limit_val_batches=0, callbacks=[every_2])
+        trainer.fit(_RowLog(), datamodule=dm, ckpt_path=ckpt_path)
+
+    fit(0.3)
+    (ckpt,) = (tmp_path / "ckpt").glob("*step=2.ckpt")
+    fit(0.3, ckpt)  # the same sets resume
+    with pytest.raises(InputError, match=r"data.mix: the checkpoint was written with \[\{'source'"):
+        fit(0.25, ckpt)
+
+
 # ------------------------------------------------------------------------------------------- the data module
 
 
