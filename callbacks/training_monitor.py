@@ -34,14 +34,15 @@ class TrainingMonitor(L.Callback):
     where things went: the run dir, the adapter dir, the last checkpoint, the TensorBoard command and the next
     commands to try.
 
+    The memory figures and the closing lines are always on (no settings): a new setting would enter every run's
+    resolved config, and with it the config hash by which ``sweep`` recognises its existing run dirs.
+
     Args:
         log_lr: also log the learning rate of each parameter group.
-        log_memory: also log peak host and GPU memory.
-        print_summary: print where the run's files went when fit ends.
     """
 
-    def __init__(self, log_lr: bool = True, log_memory: bool = True, print_summary: bool = True):
-        self.log_lr, self.log_memory, self.print_summary = log_lr, log_memory, print_summary
+    def __init__(self, log_lr: bool = True):
+        self.log_lr = log_lr
         self._t0: float | None = None
         self._tokens = self._positions = 0
         self._lrs: list[float] = []
@@ -89,13 +90,12 @@ class TrainingMonitor(L.Callback):
         if self.log_lr:
             for i, lr in enumerate(self._lrs):
                 pl_module.log(f"train/lr/group{i}" if i else "train/lr", lr, **log)
-        if self.log_memory:
-            for tag, value in peak_memory_gib(pl_module.device).items():
-                pl_module.log(tag, value, **log)
+        for tag, value in peak_memory_gib(pl_module.device).items():
+            pl_module.log(tag, value, **log)
         self._t0, self._tokens, self._positions = None, 0, 0
 
     def on_fit_end(self, trainer, pl_module):
-        if self.print_summary and trainer.is_global_zero and self.run_dir is not None:
+        if trainer.is_global_zero and self.run_dir is not None:
             print("\n".join(fit_summary(trainer, self.run_dir)), flush=True)
 
     def state_dict(self):
