@@ -87,3 +87,17 @@ def test_fit_ends_with_where_things_went_and_the_next_commands_run(run_cli, caps
     assert resume[0] == sys.executable and resume[1:4] == ["-m", "em_lightning", "fit"]
     resumed = run_cli(*resume[3:], "--trainer.limit_val_batches", "0")
     assert resumed.trainer.global_step == 20
+
+
+def test_the_gpu_peak_is_the_devices_max_allocated_in_gib(monkeypatch):
+    """No GPU here: torch.cuda's counter stands in, to check which device is asked and the unit."""
+    import torch
+
+    from em_lightning.callbacks.training_monitor import peak_memory_gib
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: asked.append(device) or 3 * 2**30)
+    on_gpu = peak_memory_gib(torch.device("cuda", 1))
+    assert on_gpu["memory/peak_gpu_allocated_gib"] == 3.0 and asked == [torch.device("cuda", 1)]
+    assert on_gpu["memory/peak_rss_gib"] == pytest.approx(_max_rss_gib(), rel=0.05)
+    assert set(peak_memory_gib(torch.device("cpu"))) == {"memory/peak_rss_gib"}
