@@ -115,6 +115,7 @@ class LoRAFineTune(L.LightningModule):
         self._tokenizer = None
         self._loss_terms: dict[str, tuple[LossTerm, float | Callable[[int], float]]] = {}
         self._window = [0.0, 0.0, 0.0]  # sums over the current accumulation window (see training_step)
+        self._adapter_off_depth = 0  # > 0 inside adapter_disabled()
         # Checkpoints hold the adapter only; on_load_checkpoint checks that every adapter tensor is there.
         self.strict_loading = False
 
@@ -203,9 +204,19 @@ class LoRAFineTune(L.LightningModule):
 
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[None]:
-        """Inside, forwards are the base model's: peft's ``disable_adapter()`` (the same weights, no second copy)."""
-        with self.model.disable_adapter():
-            yield
+        """Inside, forwards are the base model's: peft's ``disable_adapter()`` (the same weights, no second copy).
+        :attr:`adapter_active` is False inside (training-time hooks, e.g. steering, stay off for base forwards)."""
+        self._adapter_off_depth += 1
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            self._adapter_off_depth -= 1
+
+    @property
+    def adapter_active(self) -> bool:
+        """False inside :meth:`adapter_disabled` (a base forward)."""
+        return self._adapter_off_depth == 0
 
     def block_activations(
         self, batch: dict, layers: Sequence[int], adapter: bool = True
