@@ -1343,3 +1343,23 @@ def test_mitigation_comparison_pairs_by_seed_and_recovers_the_planted_effects(tm
     assert "mitigation_pareto" in summary["figures"] and len(summary["mitigations"]["rows"]) == 8
     assert {r["val_loss"]["n_pairs"] for r in summary["mitigations"]["rows"]} == {5}  # paired by seed, not crossed
     assert "## Mitigations side by side" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_along_training_fits_equal_the_statsmodels_fits_of_each_bin():
+    """The bootstrap's least-squares R²s are the loss models' own (statsmodels OLS) on each bin's rows."""
+    rng = np.random.default_rng(8)
+    rows = []
+    for i, opt in enumerate(OPTS):
+        for s in range(5):
+            for frac in (0.3, 0.6, 0.9):
+                x = rng.uniform(-1.5, 0)
+                rows.append({"run": f"{opt}-{s}", "optimizer": opt, "step": int(frac * 100), "frac_trained": frac,
+                             "log_train_loss": x, "aligned_mean": 5 * x + i * frac + rng.normal(0, 1),
+                             "eval_failed": False})
+    d = pd.DataFrame(rows)
+    along = stats.along_training(d, "aligned_mean", bins=3, n_boot=20)
+    assert list(along["frac"]) == pytest.approx([1 / 3, 2 / 3, 1.0])
+    for (_, row), frac in zip(along.iterrows(), (0.3, 0.6, 0.9)):  # bins (0, 1/3], (1/3, 2/3], (2/3, 1]
+        ref = stats.loss_models(d[d["frac_trained"] == frac], "aligned_mean")
+        for key in stats.ALONG:
+            assert row[key] == pytest.approx(ref[key], rel=1e-9), key

@@ -3,14 +3,18 @@ summary.json.
 
     python -m em_lightning analyze runs/sweeps/tiny --out runs/analysis/tiny
     python -m em_lightning analyze runs/sweeps/paper_main/* --out analysis/main --json
+    python -m em_lightning analyze runs/sweeps/paper_main --out analysis/main-smol --judge smol
     python -m em_lightning analyze --table analysis/main/table.csv --out analysis/main-again
 
-``--signal auto`` (default) analyses the judge where the runs have a judge eval, else the probe, and the
-report's first line says which; ``--signal judge`` the misalignment eval's ``aligned_mean`` and
-``misalignment_rate``; ``--signal probe`` the in-process probe's ``probe_log_odds`` and
-``probe_misaligned_prob`` (a signal no run has is an error naming the ones they have). ``--json`` prints
-the headline numbers (``n_runs, n_rows, r2_loss, r2_loss_optimizer, partial_r2_optimizer, anova,
-optimizer_rate_ratio``, ...) to stdout; they are always in ``OUT/summary.json``.
+``--signal auto`` (default) analyses the judge where the runs have a judge eval, else the probe, else the
+direction shift, and the report's first line says which; ``--signal judge`` the misalignment eval's
+``aligned_mean`` and ``misalignment_rate``; ``--signal probe`` the in-process probe's ``probe_log_odds`` and
+``probe_misaligned_prob``; ``--signal direction`` the activation shift along the misalignment direction (a
+signal no run has is an error naming the ones they have). Rates of different judges are never pooled: runs
+scored by different judges, or rejudged by several, need ``--judge LABEL``; where several judges scored the
+answers, the report compares them (``--judges A,B`` to choose). ``--json`` prints the headline numbers
+(``n_runs, n_rows, r2_loss, r2_loss_optimizer, partial_r2_optimizer, anova, optimizer_rate_ratio``, ...) to
+stdout; they are always in ``OUT/summary.json``.
 """
 
 from __future__ import annotations
