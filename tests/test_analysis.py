@@ -555,6 +555,7 @@ def _probe_only(n_opts: int = 3, seeds: int = 4) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@pytest.mark.slow
 def test_signal_auto_analyses_the_signal_the_runs_have(tmp_path):
     _probe_only().to_csv(tmp_path / "t.csv", index=False)
     summary = _cli(["--table", tmp_path / "t.csv", "--out", tmp_path / "o", "--bootstrap", "50"])
@@ -691,6 +692,7 @@ def _no_change(seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@pytest.mark.slow
 def test_along_training_verdict_is_rarely_yes_without_a_change():
     answers = [stats.trend(_no_change(s), "aligned_mean", bins=5, n_boot=200)["answer"] for s in range(40)]
     assert answers.count("yes") <= 2, answers
@@ -979,6 +981,7 @@ def _judged_sweep(root, labels=("default", "default"), rejudged: str | None = No
                  "judge": {"label": rejudged, "model": "other"}}) + "\n")
 
 
+@pytest.mark.slow
 def test_runs_scored_by_different_judges_are_refused_naming_the_runs(tmp_path):
     from em_lightning.analysis.table import AnalysisError
 
@@ -997,6 +1000,7 @@ def test_runs_scored_by_different_judges_are_refused_naming_the_runs(tmp_path):
                  "--bootstrap", "50"])["judge"] == "smol"
 
 
+@pytest.mark.slow
 def test_rejudged_runs_need_a_pick_and_read_the_judged_files(tmp_path):
     from em_lightning.analysis.table import AnalysisError
 
