@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             "question_a",
             "judge_agreement",
             "validation",
+            "mitigations",
             "optimizer_rate_ratio",
             "excluded_runs",
         )

@@ -137,15 +137,11 @@ def _validation(used: pd.DataFrame, factors: list[str], judge_finals, n_boot: in
         wide = judge_finals.pivot(index="run", columns="judge", values="rate")
         wide.columns = [f"rate ({c})" for c in wide.columns]
         final = final.merge(wide, left_on="run", right_index=True, how="left")
-    comparison = mitigations.compare(final, factors, n_boot=n_boot)
+    comparison = mitigations.compare(final, factors, n_boot=n_boot, table=used)  # used: the step-0 values
     if comparison is not None:
         try:
             figures.save(mitigations.draw_pareto(final, signal.rate, factors), out, "mitigation_pareto")
-            figs["mitigation_pareto"] = (
-                f"Each run on the EM datasets: {figures.label(signal.rate)} against the final validation loss on "
-                "held-out narrow-task rows; marker: mitigation (outlined: none), colour: optimiser; thin lines join "
-                "each unmitigated run to its mitigated twins of the same seed."
-            )
+            figs["mitigation_pareto"] = mitigations.PARETO_CAPTION.format(signal=figures.label(signal.rate))
         except figures.Skip as why:
             skipped["mitigation_pareto"] = str(why)
     return validate(final, factors, n_boot=n_boot), comparison
@@ -467,42 +463,9 @@ def _section_validation(s: dict) -> list[str]:
 
 
 def _section_mitigations(s: dict) -> list[str]:
-    m = s.get("mitigations")
-    if not m:
-        return []
-    lines = [
-        "## Mitigations side by side",
-        "",
-        (
-            "Each mitigated run paired with the unmitigated (`none`) run of the same optimiser, dataset and seed; "
-            "means of the paired differences (mitigated − none) with 95 % bootstrap intervals over the seed "
-            "pairs. (a) misalignment per signal (for rates also the relative reduction 1 − mitigated/none); (b) / "
-            "(e) validation loss on held-out rows of the narrow (EM) / benign (control) training set; (c) the "
-            f"training-loss cost (`{m.get('train_loss_column', 'train_loss')}`), an interval, not a verdict; (d) "
-            "the judge's coherent mean."
-        ),
-        "",
-    ]
-    if not m["rows"]:
-        return lines + [m.get("note", ""), ""]
-    columns = ["mitigation", *[c for c in ("optimizer", "dataset") if c in m["rows"][0]], "role"]
-    rows = []
-    for r in m["rows"]:
-        row = {c: r[c] for c in columns}
-        for signal in m["signals"]:
-            v = r.get(signal) or {}
-            row[f"Δ {signal}"] = _with_ci(v, "difference") if v else "–"
-            if v and "reduction" in v:
-                row[f"reduction {signal}"] = (
-                    f"{_fmt(v['reduction'])} [{_fmt(v['reduction_ci_low'])}, {_fmt(v['reduction_ci_high'])}]"
-                )
-        for key, name in (("val_loss", "Δ val loss"), ("train_loss_cost", "Δ train loss"), ("coherence", "Δ coherent")):
-            v = r.get(key)
-            row[name] = _with_ci(v, "difference") if v else "–"
-        row["pairs"] = max((v.get("n_pairs", 0) for v in r.values() if isinstance(v, dict)), default=0)
-        rows.append(row)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    return lines + _table(rows, keys) + [""]
+    from em_lightning.analysis import mitigations  # the section is the mitigation module's (issue 17.5)
+
+    return mitigations.report_lines(s.get("mitigations"))
 
 
 def _section_variants(s: dict) -> list[str]:
