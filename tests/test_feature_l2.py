@@ -108,6 +108,53 @@ def test_blocks_every_fifth_by_default_and_bad_layers_name_the_key(tiny_module):
             FeatureL2Regularizer(**bad)
 
 
+def test_gradient_is_the_same_with_gradient_checkpointing(tiny_module):
+    """The blocks' forward hooks catch the outputs in the forward; the recomputation in backward (hooks removed by
+    then) must not change the gradient."""
+    module = tiny_module(r=2, perturb_B=0.3)
+    batch = _side_batch(module)
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    plain = torch.autograd.grad(feature_l2(module, batch, [0, 1]), params)
+    module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert module.model.is_gradient_checkpointing
+    checkpointed = torch.autograd.grad(feature_l2(module, batch, [0, 1]), params)
+    assert max(float(g.abs().max()) for g in plain) > 1e-4
+    for a, b in zip(checkpointed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_accumulation_4_of_batch_2_trains_the_batch_8_adapter(tiny_module):
+    """With the term on (evaluated once per optimizer step on its own side batch), 4 accumulated micro-batches
+    of 2 rows train the adapter of one batch of 8 rows (SGD, 2 steps), which differs from the adapter trained
+    without the term. (B starts as small noise: from peft's random B the term is huge and one SGD step blows the
+    adapter up, amplifying rounding.)"""
+    from functools import partial
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(16):
+        ids = torch.randint(0, 300, (16,), generator=g)
+        labels = ids.clone()
+        labels[:6] = -100  # equal supervised counts per row: micro-batch means compose exactly
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(16, dtype=torch.long), "labels": labels})
+    adapters = {}
+    for label, batch_size, accumulate, coeff in (("big", 8, 1, 1.0), ("accumulated", 2, 4, 1.0), ("off", 8, 1, 0.0)):
+        L.seed_everything(0, verbose=False)  # LoRA A is seeded from the initial seed: the same start for every run
+        module = tiny_module(partial(torch.optim.SGD, lr=0.05), perturb_B=0.05)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=accumulate,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[FeatureL2Regularizer(coeff=coeff, batch_size=3)])
+        trainer.fit(module, train_dataloaders=DataLoader(rows, batch_size=batch_size, shuffle=False))
+        adapters[label] = {n: p.detach() for n, p in module.model.named_parameters() if p.requires_grad}
+    for name, value in adapters["big"].items():
+        torch.testing.assert_close(adapters["accumulated"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    moved = max(float((adapters["off"][n] - v).abs().max() / v.abs().max()) for n, v in adapters["big"].items())
+    assert moved > 1e-2  # the term shaped the adapter: far beyond the tolerance above
+
+
 # --------------------------------------------------------------------------------------- training with it
 def _train_file(tmp_path) -> str:
     """Chats unlike the side set (the built-in demo maths): training on them moves the features there."""
