@@ -601,6 +601,7 @@ def test_two_runs_per_optimizer_is_saturated_and_says_so(tmp_path, capfd):
     assert out["r2_loss_optimizer"] == pytest.approx(sm_add.rsquared, rel=1e-10)
     assert out["saturated"]["loss_optimizer"] is True and out["saturated"]["loss"] is False
     assert a["saturated"] is True and all(math.isnan(t["p"]) for t in a["terms"].values())
+    assert "cannot be said" in a["question_a"]["answer"]  # no interaction estimable: no main-vs-interaction claim
     d.to_csv(tmp_path / "t.csv", index=False)
     _cli(["--table", tmp_path / "t.csv", "--out", tmp_path / "o", "--bootstrap", "50"])
     report = (tmp_path / "o" / "report.md").read_text()

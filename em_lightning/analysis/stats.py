@@ -199,11 +199,12 @@ def _loss_models(final: pd.DataFrame, response: str) -> dict:
         partial_r2_optimizer=_partial(m_loss.ssr, m_add.ssr),
         partial_r2_loss=_partial(m_opt.ssr, m_add.ssr),
     )
-    unestimable = {o: v["reason"] for o, v in out["slopes"].items() if v.get("reason")}
+    unestimable = [o for o, v in out["slopes"].items() if v.get("reason")]
     if unestimable:
-        out["notes"]["interaction"] = "no interaction model: it needs a slope for every optimiser (" + "; ".join(
-            f"{o}: {why}" for o, why in unestimable.items()
-        ) + ")"
+        out["notes"]["interaction"] = (
+            f"no interaction model: it needs a slope for every optimiser, and {', '.join(unestimable)} "
+            f"{'has' if len(unestimable) == 1 else 'have'} fewer than {MIN_SLOPE_RUNS} runs with distinct losses"
+        )
         return out
     m_int = _ols(f"{y} ~ C(optimizer) + C(optimizer):log_train_loss", d)
     _record(out, "interaction", m_int)
@@ -353,6 +354,17 @@ def optimizer_share(terms: dict, response: str, saturated: bool, dropped: dict) 
     main = terms["optimizer"]["share_explained"]
     inter = {t: v["share_explained"] for t, v in terms.items() if t.startswith("optimizer:")}
     total = float(sum(inter.values()))
+    if not inter:  # nothing to weigh the main effect against
+        out_of = [t for t in dropped if t.startswith("optimizer:")]
+        return {
+            "optimizer_share": main, "interaction_share": math.nan, "interactions": {},
+            "answer": (
+                f"For {response}, the optimiser's main effect accounts for {main:.0%} of the explained sum of "
+                "squares, but no interaction of optimiser could be estimated in this design"
+                + (f" ({', '.join(out_of)} dropped)" if out_of else "")
+                + ", so whether its effect depends on the other factors cannot be said."
+            ),
+        }
     kind = (
         "mostly a main effect (the same shift whatever the other factors)"
         if main >= total
