@@ -615,6 +615,8 @@ def optimizer_ratio(
         "fixed_cells": [],
         "correction": (
             "(k + 0.5) / (n + 1) per run, k misaligned of n counted answers"
+            if signal.counts and signal.counts in d and d[signal.counts].notna().any()
+            else "none (no answer counts in the table)"
             if signal.counts
             else "none (a probability, never 0)"
         ),
