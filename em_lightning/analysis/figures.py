@@ -137,7 +137,11 @@ def draw_trajectories(table: pd.DataFrame, signal: Signal, conditions: list[str]
     if not len(d):
         raise Skip(f"no eval row has both {signal.score} and a training loss")
     d = d.assign(optimizer=levels(d["optimizer"]))
-    within = [c for c in (conditions or []) if c not in ("optimizer", "seed", "data_seed") and c in d]
+    within = [  # the conditions that vary inside some optimiser's panel (lr tied to the optimiser does not)
+        c
+        for c in (conditions or [])
+        if c not in ("optimizer", "seed", "data_seed") and c in d and (d.groupby("optimizer")[c].nunique() > 1).any()
+    ]
     d["_cond"] = (
         d[within].apply(lambda r: ", ".join(str(v) if not pd.isna(v) else "NA" for v in r), axis=1) if within else ""
     )
@@ -209,14 +213,20 @@ def draw_rate_by_optimizer(table: pd.DataFrame, signal: Signal):
         ax.errorbar([i + 0.3], [m],
                     yerr=[[m - lo_m if np.isfinite(lo_m) else 0], [hi_m - m if np.isfinite(hi_m) else 0]],
                     fmt="D", color="k", ms=5, capsize=3,
-                    label="optimiser mean (corrected) ± 95 % t interval" if i == 0 else None)
+                    label=("optimiser mean (corrected)" if signal.counts else "optimiser mean") + " ± 95 % t interval"
+                    if i == 0 else None)
     ax.set_xticks(range(len(opts)), opts)
-    ax.set(xlabel="optimiser", ylabel=label(signal.rate), title="Final misalignment rate per optimiser")
+    ax.set(xlabel="optimiser", ylabel=label(signal.rate), title=f"Final {label(signal.rate)} per optimiser")
     ax.legend(fontsize=7)
     return fig
 
 
 def _caption_rate(signal: Signal) -> str:
+    if not signal.counts:
+        return (
+            f"Final {label(signal.rate)} of every run (dots) and each optimiser's mean with a 95 % t interval "
+            "over runs (black diamond)."
+        )
     return (
         f"Final {label(signal.rate)} of every run (dots, with the judge's 95 % Wilson interval where there is "
         "one) and each optimiser's mean of continuity-corrected rates with a 95 % t interval over runs (black "

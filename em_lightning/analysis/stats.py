@@ -196,8 +196,8 @@ def _loss_models(final: pd.DataFrame, response: str) -> dict:
     out.update(
         r2_loss_optimizer=m_add.rsquared,
         r2_optimizer=m_opt.rsquared,
-        partial_r2_optimizer=_partial(m_loss.ssr, m_add.ssr),
-        partial_r2_loss=_partial(m_opt.ssr, m_add.ssr),
+        partial_r2_optimizer=_partial(m_loss.ssr, m_add.ssr, m_loss.centered_tss),
+        partial_r2_loss=_partial(m_opt.ssr, m_add.ssr, m_loss.centered_tss),
     )
     unestimable = [o for o, v in out["slopes"].items() if v.get("reason")]
     if unestimable:
@@ -239,8 +239,11 @@ def slope_of(g: pd.DataFrame, response: str) -> dict:
     return out
 
 
-def _partial(sse_small: float, sse_big: float) -> float:
-    return (sse_small - sse_big) / sse_small if sse_small > 1e-300 else math.nan
+def _partial(sse_small: float, sse_big: float, sst: float | None = None) -> float:
+    """(SSE_small − SSE_big) / SSE_small; NaN when the smaller model already fits (almost) exactly — then the
+    ratio is rounding noise over rounding noise — and never below 0 (nested models: rounding only)."""
+    floor = 1e-10 * sst if sst else 1e-300
+    return max(0.0, (sse_small - sse_big) / sse_small) if sse_small > floor else math.nan
 
 
 # ------------------------------------------------------------------------------------------------ ANOVA
@@ -455,8 +458,8 @@ def fast_r2s(y: np.ndarray, x: np.ndarray, groups: np.ndarray) -> dict[str, floa
     sse_opt = _sse(y, np.column_stack([ones, dummies]))
     out.update(
         r2_loss_optimizer=1 - sse_add / sst,
-        partial_r2_optimizer=_partial(sse_loss, sse_add),
-        partial_r2_loss=_partial(sse_opt, sse_add),
+        partial_r2_optimizer=_partial(sse_loss, sse_add, sst),
+        partial_r2_loss=_partial(sse_opt, sse_add, sst),
     )
     return out
 
