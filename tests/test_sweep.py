@@ -683,8 +683,8 @@ SHIPPED_SWEEPS = {  # every file in configs/sweeps/ and its number of runs
     "learning_rate": 15,
     "control": 45,
     "control_tiny": 45,
-    "mitigations": 2 * 2 * 7 * 3,
-    "mitigations_tiny": 2 * 2 * 7 * 2,
+    "mitigations": 2 * 2 * 9 * 3,
+    "mitigations_tiny": 2 * 2 * 9 * 2,
 }
 
 
@@ -726,26 +726,74 @@ def test_every_axis_value_of_the_shipped_sweeps_resolves_with_its_keys(name, mon
         resolved = resolve(sweep, run)
         for key, value in run.overrides.items():  # axes, rules and seed, as merged for this run
             node = resolved.config
+            if key.startswith("trainer.callbacks."):  # an init arg of the last callback
+                node, key = node["trainer"]["callbacks"][-1]["init_args"], key.rsplit(".", 1)[1]
             for part in key.split("."):
                 node = node[part]
             assert node == value, (run.name, key)
     assert not uncovered
 
 
+MITIGATIONS = (
+    "none",
+    "spectral",
+    "spectral_entropy",
+    "spectral_stable_rank",
+    "kl",
+    "ldifs",
+    "interleave",
+    "steer",
+    "ablate",
+)  # every overlay of configs/mitigations/
+
+
 def test_the_mitigation_sweeps_pair_every_mitigation_with_its_unmitigated_run():
     """A zipped `mitigation` axis of overlay files with a `none` entry: for every other mitigation, each run has
     an unmitigated twin with the same seed, optimiser and dataset (what `analyze` pairs)."""
+    assert sorted(MITIGATIONS) == sorted(p.stem for p in (CONFIGS / "mitigations").glob("*.yaml"))
     for name in ("mitigations", "mitigations_tiny"):
         sweep = load_sweep(CONFIGS / "sweeps" / f"{name}.yaml")
         axis = next(a for a in sweep.axes if a.label == "mitigation")
         assert axis.choices[0].label == "none" and all(len(c.configs) == 1 for c in axis.choices)
+        assert [c.label for c in axis.choices] == [*MITIGATIONS]
         assert all(c.configs[0] == f"configs/mitigations/{c.label}.yaml" for c in axis.choices)
+        assert {c.label for c in axis.choices if c.overrides} == {"steer", "ablate"}  # their direction file
         runs = sweep.runs()
         key = lambda r: tuple((k, v) for k, v in r.values.items() if k != "mitigation")
         unmitigated = {key(r) for r in runs if r.values["mitigation"] == "none"}
         assert all(key(r) in unmitigated for r in runs)
         assert {r.values["optimizer"] for r in runs} == {"adamw", "lion"}
         assert {r.values["dataset"] for r in runs} == {"insecure", "secure"}
+
+
+def test_a_sweep_key_sets_an_init_arg_of_the_last_callback_as_the_cli_does(tmp_path, monkeypatch):
+    """``trainer.callbacks.<arg>`` in an axis entry: <arg> of the callback its overlay adds (the last one), the
+    others untouched; a run without the key resolves as before; an arg the callback lacks is the parser's error."""
+    from em_lightning.sweep.resolve import resolve
+
+    monkeypatch.chdir(REPO)
+    f = tmp_path / "s.yaml"
+    f.write_text(
+        "base: [configs/tiny.yaml, configs/callbacks/probe.yaml]\naxes:\n  mitigation:\n"
+        "    - {name: none, config: configs/mitigations/none.yaml}\n"
+        "    - {name: steer, config: configs/mitigations/steer.yaml, trainer.callbacks.direction: /d/v.safetensors,"
+        " trainer.callbacks.coeff: 2.5}\n"
+        "    - {name: bad, config: configs/mitigations/ablate.yaml, trainer.callbacks.directon: x}\n"
+    )
+    sweep = load_sweep(f, out=tmp_path / "o")
+    none, steer, bad = sweep.runs()
+    plain = resolve(sweep, none).config["trainer"]["callbacks"]
+    steered = resolve(sweep, steer).config["trainer"]["callbacks"]
+    assert steered[:-1] == plain and steered[-1]["class_path"].endswith("PreventativeSteering")
+    assert (
+        steered[-1]["init_args"]["direction"] == "/d/v.safetensors"
+        and steered[-1]["init_args"]["coeff"] == 2.5
+    )
+    assert plain[-1]["init_args"]["probes"] == "builtin:em"
+    with pytest.raises(
+        SweepError, match=r"run mitigation=bad: the training CLI rejects its config: .*directon"
+    ):
+        resolve(sweep, bad)
 
 
 def test_the_control_sweeps_cross_the_em_set_with_both_controls_and_every_optimiser():

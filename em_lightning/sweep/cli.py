@@ -135,7 +135,7 @@ def plan(sweep: Sweep, runs, base: LauncherConfig) -> list[Plan]:
             conflicts.append(f"{r.dir}: ({'; '.join(differences(old, r.config)) or 'hash differs'})")
             continue
         if (state or {}).get("state") == DONE:
-            plans.append(Plan(item, "skip", "done"))
+            plans.append(Plan(item, "skip", DONE))
             continue
         plans.append(Plan(item, "resume"))
         unfinished.append(r.dir)
@@ -194,7 +194,7 @@ def _report(sweep: Sweep, plans: list[Plan], dry_run: bool, log) -> dict[str, st
             outcome[r.run.name] = f"would {p.action}"
         else:
             log(f"{p.action:<7} {r.run.name}  [{detail}]")
-            outcome[r.run.name] = DONE if p.why == "done" else ("alive" if p.action == "skip" else "planned")
+            outcome[r.run.name] = DONE if p.why == DONE else ("alive" if p.action == "skip" else "planned")
     summary = ", ".join(f"{n} {a}" for a, n in counts.items())
     log(f"sweep {sweep.name}: {len(plans)} run(s) in {sweep.root}: {summary}")
     return outcome

@@ -31,6 +31,12 @@ OUTPUT_KEYS = (
 )
 
 
+# ``trainer.callbacks.<arg>`` in a sweep file sets ``<arg>`` of the last callback of the stacked files, as
+# ``--trainer.callbacks.<arg>`` does on the command line (a YAML key cannot address one entry of the list): e.g.
+# the direction file of the steering overlay that a `mitigation` axis entry adds.
+LAST_CALLBACK = "trainer.callbacks."
+
+
 @dataclass(frozen=True)
 class Resolved:
     run: RunSpec
@@ -42,12 +48,16 @@ class Resolved:
 
 def resolve(sweep: Sweep, run: RunSpec) -> Resolved:
     run_dir = (sweep.root / run.name).resolve()
-    overlay = nested({**run.overrides, **output_keys(run_dir)})
+    last_callback = {k: v for k, v in run.overrides.items() if k.startswith(LAST_CALLBACK)}
+    overlay = nested({**_without(run.overrides, last_callback), **output_keys(run_dir)})
     with tempfile.TemporaryDirectory(prefix="em-sweep-") as tmp:
         path = Path(tmp) / "run.yaml"
         path.write_text(yaml.safe_dump(overlay, sort_keys=False), encoding="utf-8")
         files = [*sweep.base, *run.configs, str(path)]
-        text, config = _resolve_config(sweep, run, [a for f in files for a in ("--config", f)])
+        args = [a for f in files for a in ("--config", f)]
+        # after every file: the training CLI's own form, an init arg of the last callback in the list
+        args += [f"--{key}={_cli_value(value)}" for key, value in last_callback.items()]
+        text, config = _resolve_config(sweep, run, args)
     logger = (config.get("trainer") or {}).get("logger")
     if not (isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("TensorBoardLogger")):
         raise SweepError(
@@ -113,6 +123,16 @@ def _resolve_config(sweep: Sweep, run: RunSpec, config_args: list[str]) -> tuple
         ) from None
     except InputError as error:  # the CLI's own checks (e.g. an old class path), already naming file:line
         raise SweepError(f"{sweep.path}: run {run.name}: {error}") from None
+
+
+def _cli_value(value) -> str:
+    """A value as a command-line argument: a string as it is (the parser keeps quotes of a str-typed
+    argument), anything else as JSON, which the parser reads as YAML."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _without(mapping: dict, keys) -> dict:
+    return {k: v for k, v in mapping.items() if k not in keys}
 
 
 def _strip(config: dict) -> dict:

@@ -20,7 +20,9 @@ A sweep file (YAML; examples in ``configs/sweeps/``)::
 
 Priority, lowest first: the base files, the axes' overlay files (in axis order), ``set``, the axes' keys, the
 rules, the seed. Keys ``launcher.<field>`` in ``set``-like places (zipped entries, rules) change the launcher
-for those runs only (e.g. more GPUs or time for a larger model). Paths are relative to the working directory,
+for those runs only (e.g. more GPUs or time for a larger model). A key ``trainer.callbacks.<arg>`` sets ``<arg>``
+of the last callback the stacked files give (as ``--trainer.callbacks.<arg>`` does on the command line), e.g.
+``{name: steer, config: configs/mitigations/steer.yaml, trainer.callbacks.direction: v.safetensors}``. Paths are relative to the working directory,
 like ``--config`` of the training CLI. Every error names the sweep file, its line and the key.
 """
 
