@@ -180,10 +180,12 @@ def report_lines(m: dict | None) -> list[str]:
     lines = [
         "## Mitigations side by side",
         "",
-        "Each mitigated run paired with the unmitigated (`none`) run of the same optimiser, dataset, seed and "
-        "settings; every number is the mean over the seed pairs with a 95 % bootstrap interval over the pairs "
-        "(mitigated − none). Criteria (a), (b), (d), (e) are Kaczér et al.'s four, (c) is the paper's cost claim, "
-        "stated as an interval, not a verdict.",
+        (
+            "Each mitigated run paired with the unmitigated (`none`) run of the same optimiser, dataset, seed and "
+            "settings; every number is the mean over the seed pairs with a 95 % bootstrap interval over the pairs "
+            "(mitigated − none). Criteria (a), (b), (d), (e) are Kaczér et al.'s four, (c) is the paper's cost "
+            "claim, stated as an interval, not a verdict."
+        ),
         "",
     ]
     if not m["rows"]:
@@ -215,10 +217,12 @@ def report_lines(m: dict | None) -> list[str]:
     lines += _table(rows, list(rows[0])) + [""]
     narrow = [r for r in m["rows"] if r["role"] == "narrow task"] or m["rows"]
     lines += [
-        "**(b) narrow task still learned, (c) training-loss cost, (d) coherence, (e) benign task still learned.** "
-        "val loss: the final validation loss on held-out rows of the training set (narrow rows only, mitigated "
-        "(none)); Δ: paired difference; train loss: the mean over the last logged steps, narrow rows only "
-        "(`train/loss_narrow` where data was mixed in).",
+        (
+            "**(b) narrow task still learned, (c) training-loss cost, (d) coherence, (e) benign task still "
+            "learned.** val loss: the final validation loss on held-out rows of the training set (narrow rows "
+            "only), mitigated (none); Δ: paired difference; train loss: the mean over the last logged steps, "
+            "narrow rows only (`train/loss_narrow` where data was mixed in)."
+        ),
         "",
     ]
     rows = []
