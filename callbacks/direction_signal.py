@@ -41,7 +41,7 @@ class DirectionSignal(L.Callback):
     Cost (measured with SmolLM2-135M shapes, builtin:em: 10 prompts + 80 answers, batch 16, fp32): a call takes
     about 3 training steps of 8 rows (641 tokens, forward + backward + AdamW) on an H100 (0.59 s vs 0.19 s) and
     on 16 CPU cores (2.9 s vs 0.97 s); the first call, which also runs the base side, about 6-7 steps, and
-    computing the direction at the start about 5 (H100: 0.93 s). At ``every_n_steps: 10`` that is ~30 % more
+    computing the direction at the start 2.5 (CPU) to 5 (H100: 0.93 s) steps. At ``every_n_steps: 10`` that is ~30 % more
     time; use a larger N (or fewer ``prompts``) on long runs.
 
     Logs to every logger at the step (plus ``direction/duration_s``) and one JSON line per call to
