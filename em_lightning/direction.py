@@ -251,7 +251,7 @@ def compute_direction(
 ) -> Direction:
     """The mean difference (module docstring) of ``answers`` under ``module``'s base (``adapter=False``) or
     base + adapter."""
-    layers = sorted(set(int(i) for i in layers))
+    layers = sorted({int(i) for i in layers})
     means = {}
     for side in SIDES:
         batches = batches_of(answers.rows[side], module.tokenizer, batch_size, max_length, "source")

@@ -27,7 +27,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from em_lightning.compile import check_speed_options, compile_blocks
 from em_lightning.errors import InputError
 from em_lightning.lora import LoRASpec, apply_lora, seeded_lora_init
-from em_lightning.mixing import task_ce_sums
 from em_lightning.loss import (
     LOSS_NORMALIZATIONS,
     LossNormalization,
@@ -37,6 +36,7 @@ from em_lightning.loss import (
 )
 from em_lightning.loss import supervised_logits as _supervised_logits
 from em_lightning.loss import supervised_logprob_per_row as _supervised_logprob_per_row
+from em_lightning.mixing import task_ce_sums
 from em_lightning.models import TINY_MODELS, ModelSpec, load_model, load_tokenizer, resolve_model_dir
 from em_lightning.optim import ScheduleSpec, build_scheduler, check_optimizer_params, optimizer_class
 from em_lightning.sharding import FSDPSpec, has_tied_embeddings, load_sharded_lora_model, shard_lora_model
@@ -232,7 +232,7 @@ class LoRAFineTune(L.LightningModule):
         train/eval mode and ``no_grad``. Under DDP/FSDP call it on every rank (sharded forwards are collective).
         """
         blocks = self.decoder_blocks()
-        wanted = sorted(set(int(i) for i in layers))
+        wanted = sorted({int(i) for i in layers})
         bad = [i for i in wanted if not 0 <= i < len(blocks)]
         if bad or not wanted:
             raise InputError(f"layers: {list(layers)} must be 0-based block indices in [0, {len(blocks) - 1}]")
