@@ -183,3 +183,19 @@ def test_analyze_writes_the_section_and_the_figure(tmp_path):
     assert "| 1.3 (1.1) |" in kl_adamw  # (b) mitigated (none) means of the final validation loss
     assert "0.2 [0.1, 0.3]" in kl_adamw  # (b) the hand-computed difference and interval
     assert "secure: 0.06 [0.05, 0.07]" in kl_adamw  # (e) the benign set's twin
+
+
+def test_nothing_to_reduce_is_no_number_not_a_ratio():
+    """An unmitigated effect ≤ 0 (the score fell without a mitigation) leaves the reduction undefined; the report
+    prints a dash, not a ratio with a meaningless sign."""
+    rng = np.random.default_rng(0)
+    out = mitigations.paired(np.array([0.1, 0.2]), np.array([0.3, 0.1]), rng, 200,
+                             effects=(np.array([0.1, 0.2]), np.array([-0.3, 0.1])))
+    assert out["difference"] == pytest.approx(-0.05)  # (−0.2 + 0.1) / 2
+    assert np.isnan(out["reduction"]) and np.isnan(out["reduction_ci_low"])
+    row = {"mitigation": "kl", "optimizer": "adamw", "dataset": "insecure", "role": "narrow task",
+           "probe_log_odds": out, "val_loss": out}
+    lines = mitigations.report_lines({"rows": [row], "signals": ["probe_log_odds"], "settings": ["optimizer", "dataset"],
+                                      "reduction_basis": {"probe_log_odds": "change from step 0"}})
+    line = next(ln for ln in lines if ln.startswith("| kl | adamw | insecure | narrow task |"))
+    assert line.split(" | ")[5] == "–"  # the reduction column

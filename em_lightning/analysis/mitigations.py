@@ -193,7 +193,7 @@ def report_lines(m: dict | None) -> list[str]:
     keys = [AXIS, *m.get("settings", [])]
 
     def ci(v: dict | None, key: str = "difference") -> str:
-        if not v:
+        if not v or not np.isfinite(v.get(key, math.nan)):
             return "–"
         low, high = ("ci_low", "ci_high") if key == "difference" else (f"{key}_ci_low", f"{key}_ci_high")
         return f"{_fmt(v.get(key))} [{_fmt(v.get(low))}, {_fmt(v.get(high))}]"
@@ -274,7 +274,8 @@ def draw_pareto(final: pd.DataFrame, signal: str, factors: list[str]):
     for (m, o), g in d.groupby(["mitigation", "optimizer"]):
         ax.scatter(g["val_loss"], g[signal], marker=marker[m], color=col[o], s=46 if m == NONE else 30,
                    edgecolors="k" if m == NONE else "none", label="_nolegend_")
-    handles = [Line2D([], [], marker=marker[m], color="grey", ls="", label=m) for m in mits]
+    handles = [Line2D([], [], marker=marker[m], color="grey", ls="", label=m, markeredgecolor="k" if m == NONE
+                      else "grey") for m in mits]
     handles += [Line2D([], [], marker="o", color=col[o], ls="", label=o) for o in sorted(col)]
     ax.legend(handles=handles, fontsize=7, title="mitigation / optimiser", title_fontsize=7,
               loc="center left", bbox_to_anchor=(1.01, 0.5))
