@@ -112,9 +112,11 @@ def seeded_lora_init(model: torch.nn.Module, seed: int) -> None:
             if "lora_B" in name:
                 local.zero_()
                 continue
-            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            generator = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
             shape = tuple(param.shape)
-            full = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) / shape[1] ** 0.5
+            # device="cpu" explicitly: Lightning builds the model under a default-device context (cuda on a GPU),
+            # where a CPU generator is refused and the values would differ from a CPU run's.
+            full = (torch.rand(shape, generator=generator, dtype=torch.float64, device="cpu") * 2 - 1) / shape[1] ** 0.5
             local.copy_(local_rows(full, param).to(local.dtype))
 
 

@@ -186,3 +186,19 @@ def test_fsdp1_is_refused_for_a_loss_term_and_gathered_for_logging(one_rank_grou
     for (_, _, B, A, _), (_, _, B0, A0, _) in zip(got, want):
         torch.testing.assert_close(B, B0)
         torch.testing.assert_close(A, A0)
+
+
+def test_seeded_init_ignores_a_default_device_context():
+    """Lightning builds the model under a default-device context (cuda on a GPU: a CPU generator was refused there,
+    found on an H100). Under such a context the adapter must come out as without one."""
+    from em_lightning.lora import seeded_lora_init
+
+    plain = apply_lora(tiny_model("tiny-qwen3"), LoRASpec(r=4, alpha=8))
+    seeded_lora_init(plain, seed=3)
+    in_context = apply_lora(tiny_model("tiny-qwen3"), LoRASpec(r=4, alpha=8))
+    with torch.device("meta"):  # the CPU stand-in for a cuda default device: factory calls land there
+        seeded_lora_init(in_context, seed=3)
+    got, want = dict(in_context.named_parameters()), dict(plain.named_parameters())
+    lora = [n for n in want if "lora_" in n]
+    assert lora and all(torch.equal(got[n], want[n]) for n in lora)
+    assert any(want[n].abs().sum() > 0 for n in lora if "lora_A" in n)
