@@ -199,3 +199,8 @@ def test_nothing_to_reduce_is_no_number_not_a_ratio():
                                       "reduction_basis": {"probe_log_odds": "change from step 0"}})
     line = next(ln for ln in lines if ln.startswith("| kl | adamw | insecure | narrow task |"))
     assert line.split(" | ")[5] == "–"  # the reduction column
+    cleaned = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in out.items()}  # as summary.json
+    row = {**row, "probe_log_odds": cleaned}
+    lines = mitigations.report_lines({"rows": [row], "signals": ["probe_log_odds"], "settings": ["optimizer", "dataset"]})
+    line = next(ln for ln in lines if ln.startswith("| kl | adamw | insecure | narrow task |"))
+    assert line.split(" | ")[5] == "–"

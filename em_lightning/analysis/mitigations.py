@@ -193,7 +193,8 @@ def report_lines(m: dict | None) -> list[str]:
     keys = [AXIS, *m.get("settings", [])]
 
     def ci(v: dict | None, key: str = "difference") -> str:
-        if not v or not np.isfinite(v.get(key, math.nan)):
+        value = (v or {}).get(key)
+        if value is None or not math.isfinite(value):  # the written summary holds None for NaN
             return "–"
         low, high = ("ci_low", "ci_high") if key == "difference" else (f"{key}_ci_low", f"{key}_ci_high")
         return f"{_fmt(v.get(key))} [{_fmt(v.get(low))}, {_fmt(v.get(high))}]"
