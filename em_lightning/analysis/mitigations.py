@@ -273,8 +273,9 @@ def draw_pareto(final: pd.DataFrame, signal: str, factors: list[str]):
         ax.plot([r["val_loss_none"], r["val_loss_mit"]], [r[f"{signal}_none"], r[f"{signal}_mit"]],
                 color=col[r["optimizer"]], lw=0.6, alpha=0.5, label="_nolegend_")
     for (m, o), g in d.groupby(["mitigation", "optimizer"]):
-        ax.scatter(g["val_loss"], g[signal], marker=marker[m], color=col[o], s=46 if m == NONE else 30,
-                   edgecolors="k" if m == NONE else "none", label="_nolegend_")
+        # none underneath: a mitigation that changed nothing must still show on top of its twin
+        ax.scatter(g["val_loss"], g[signal], marker=marker[m], color=col[o], s=60 if m == NONE else 30,
+                   edgecolors="k" if m == NONE else "white", linewidths=0.6, zorder=2 if m == NONE else 3, label="_nolegend_")
     handles = [Line2D([], [], marker=marker[m], color="grey", ls="", label=m, markeredgecolor="k" if m == NONE
                       else "grey") for m in mits]
     handles += [Line2D([], [], marker="o", color=col[o], ls="", label=o) for o in sorted(col)]
