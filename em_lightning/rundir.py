@@ -174,7 +174,7 @@ def append_jsonl(path: str | Path, records: Sequence[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for record in records:
-            f.write(json.dumps(_clean(record), ensure_ascii=False) + "\n")
+            f.write(json.dumps(_clean(record), ensure_ascii=False) + "\n")  # noqa: FURB122 (one write per line)
         f.flush()
         os.fsync(f.fileno())
 

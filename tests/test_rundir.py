@@ -124,7 +124,7 @@ def test_run_dir_file_names_are_spelled_in_one_module_only():
 
 def test_no_module_of_the_package_imports_main():
     pattern = re.compile(r"^\s*(from\s+em_lightning(\.__main__|\s+import\s+__main__)|import\s+em_lightning\.__main__)",
-                         re.M)
+                         re.MULTILINE)
     offenders = [str(p) for p in [*PACKAGE.rglob("*.py"), *CALLBACKS.rglob("*.py")]
                  if p.name != "__main__.py" and pattern.search(p.read_text(encoding="utf-8"))]
     assert not offenders, f"modules importing em_lightning.__main__: {offenders}"
