@@ -490,7 +490,7 @@ def test_a_failing_run_is_recorded_and_listed_by_the_analysis(tmp_path, monkeypa
     # One run is no comparison: analyze refuses it, naming the run's state and error (issue 14.6)
     with pytest.raises(InputError, match="1 run") as err:
         main(["analyze", str(run_dir), "--out", str(tmp_path / "a"), "--signal", "probe"])
-    assert f"(optimizer=adamw,seed=0: state failed: exit status 2: error: {missing})" in str(err.value)
+    assert f"(optimizer=adamw,seed=0: state failed: exit status 2: error: {missing}: data file does not exist)" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ fast
@@ -904,7 +904,9 @@ def _resolve_all(files) -> dict[str, dict]:
 
     out = {}
     for name in files:
-        sweep = load_sweep(CONFIGS / "sweeps" / name, out=SNAPSHOT_OUT)
+        # relative, as a user types it (the caller is in the repository): the text's header names the sweep file,
+        # and an absolute path would tie the snapshot to where the repository was cloned
+        sweep = load_sweep(Path("configs") / "sweeps" / name, out=SNAPSHOT_OUT)
         for run in sweep.runs():
             resolved = resolve(sweep, run)
             out[f"{name}::{run.name}"] = {"hash": resolved.hash, "text": resolved.text}
