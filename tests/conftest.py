@@ -189,3 +189,26 @@ def real_em_file():
             pytest.skip(f"real emergent-misalignment files not on the search path: {err}")
 
     return find
+
+
+# Variables an in-process Lightning run leaves in os.environ. A child process that inherits LOCAL_RANK believes
+# its launcher already started every rank, so a 2-process `fit` never starts its second rank and waits for it.
+LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                    "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@pytest.fixture(autouse=True)
+def _environment_as_the_session_started():
+    """Every test starts from the session's environment: in-process fits (e.g. the FSDP2 precision checks of
+    test_config_errors) set MASTER_PORT, LOCAL_RANK and PL_* variables, and with LOCAL_RANK inherited every later
+    2-process test hung until its timeout (seen in a full run, not in per-file runs)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """os.environ for a subprocess that launches its own ranks: without what an earlier in-process run left."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    return {**env, **extra}

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, child_environment
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 180
@@ -32,8 +32,8 @@ def _fit(cwd: Path, name: str, *args: str, devices: int = 1, strategy: str | Non
     if strategy:
         command += ["--config", str(CONFIGS / "strategy" / f"{strategy}.yaml"), *STRATEGIES[strategy]]
     command += list(args)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(CONFIGS.parent)}  # tests.helpers' callbacks, from a run in a temp dir
+    env = child_environment(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                            PYTHONPATH=str(CONFIGS.parent))  # tests.helpers' callbacks, from a run in a temp dir
     cwd.mkdir(parents=True, exist_ok=True)
     # Its own process group, so that a timeout (or the kill test) ends every rank, not only the launching one.
     proc = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True, stdout=subprocess.PIPE,
