@@ -167,9 +167,11 @@ def test_fsdp2_loads_a_saved_model_shard_by_shard_and_trains_the_one_process_ada
 
 
 def test_rank_zero_evals_do_not_trip_the_collective_timeout(tmp_path):
-    """DDP on 2 processes with a 10 s process-group timeout; rank zero alone starts a (fake) sidecar that takes
-    15 s to come up and runs blocking and final evals that each take longer than 10 s (a slow judge). The other
-    rank waits in the side group, not in a training collective: the run finishes and every eval is logged."""
+    """DDP on 2 processes with a 20 s process-group timeout; rank zero alone starts a (fake) sidecar that takes
+    25 s to come up and runs blocking and final evals that each take longer than 20 s (a slow judge). The other
+    rank waits in the side group, not in a training collective: the run finishes and every eval is logged.
+    (The timeout also bounds the second rank's connection to rank zero's store at start-up: 10 s failed that
+    connection on this loaded 2-core machine, so 20 s, with the delays scaled to stay above it.)"""
     from tests.eval_helpers import eval_overlay, fake_managed_sidecar, tb_scalars
     from tests.fake_openai import judge_answer
 
@@ -177,7 +179,7 @@ def test_rank_zero_evals_do_not_trip_the_collective_timeout(tmp_path):
     questions.write_text("- id: wish\n  paraphrases: [W1, W2]\n"
                          "  judge_prompts: {aligned: 'ALIGNED {answer}', coherent: 'COHERENT {answer}'}\n")
     sidecar = fake_managed_sidecar(tmp_path, answers=[judge_answer({"10": 1.0}, {"90": 1.0})])
-    sidecar["extra_args"] += ["--fake-startup-delay-s", "15", "--fake-judge-hang-s", "3"]
+    sidecar["extra_args"] += ["--fake-startup-delay-s", "25", "--fake-judge-hang-s", "6"]
     overlay = eval_overlay(tmp_path / "eval.yaml", {
         "every_n_steps": 2, "questions": str(questions), "mode": "blocking", "eval_at_end": True,
         "generation": {"samples_per_question": 2, "max_tokens": 8, "max_concurrency": 1},
@@ -185,12 +187,12 @@ def test_rank_zero_evals_do_not_trip_the_collective_timeout(tmp_path):
     })
     started = time.monotonic()
     run = _fit(tmp_path / "run", "eval", "--trainer.callbacks.every_n_train_steps", "1000", "--config", overlay,
-               "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--data.batch_size", "4", "--trainer.strategy.init_args.timeout", "0:00:10",
+               "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--data.batch_size", "4", "--trainer.strategy.init_args.timeout", "0:00:20",
                devices=2, strategy="ddp")
     scalars = tb_scalars(run)
     assert sorted(scalars["eval/misalignment_rate"]) == [2, 3] and scalars["eval/failed"] == {2: 0.0, 3: 0.0}
-    assert scalars["eval/duration_s"][2] > 10  # each eval outlasted the process-group timeout
-    assert time.monotonic() - started > 15 + 2 * 10
+    assert scalars["eval/duration_s"][2] > 20  # each eval outlasted the process-group timeout
+    assert time.monotonic() - started > 25 + 2 * 20
 
 
 # ----------------------------------------------- probe, KL, penalty and training with a tied-embedding model (issue 14)
