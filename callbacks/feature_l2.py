@@ -8,9 +8,14 @@ from typing import Literal
 
 import torch
 
-from em_lightning.callbacks.loss_term import LossTermCallback
+from em_lightning.callbacks.loss_term import SideDataLossTerm
 from em_lightning.errors import InputError
-from em_lightning.side_data import SideChatSet, base_block_activations, global_position_mean, supervised_mask
+from em_lightning.side_data import (
+    at_least_float32,
+    base_block_activations,
+    global_position_mean,
+    supervised_mask,
+)
 
 
 def feature_l2_sums(module, batch: dict, layers: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor], int]:
@@ -28,7 +33,7 @@ def feature_l2_sums(module, batch: dict, layers: Sequence[int]) -> tuple[torch.T
     mask = supervised_mask(batch)
     per_layer = {}
     for layer in layers:
-        diff = _at_least_float32(adapted[layer][:, :-1][mask]) - _at_least_float32(base[layer][:, :-1][mask])
+        diff = at_least_float32(adapted[layer][:, :-1][mask]) - at_least_float32(base[layer][:, :-1][mask])
         per_layer[layer] = diff.square().sum()
     total = torch.stack(list(per_layer.values())).sum() / len(layers)
     return total, {k: v.detach() for k, v in per_layer.items()}, int(mask.sum())
@@ -40,23 +45,19 @@ def feature_l2(module, batch: dict, layers: Sequence[int]) -> torch.Tensor:
     return total / max(n, 1)
 
 
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def every_nth_block(n_blocks: int, stride: int) -> list[int]:
     """0-based indices of every ``stride``-th block counting from 1 (blocks stride, 2·stride, ... in 1-based
     terms); the last block alone when the model has fewer than ``stride`` blocks."""
     return list(range(stride - 1, n_blocks, stride)) or [n_blocks - 1]
 
 
-class FeatureL2Regularizer(LossTermCallback):
+class FeatureL2Regularizer(SideDataLossTerm):
     """Adds ``coefficient(step) × mean over supervised positions and chosen blocks of ‖h_adapted − h_base‖²``
     (squared L2 over the hidden dimensions) to the training loss, on a batch of a separate chat set: a feature-space
     distance to the base model in the manner of LDIFS (Mukhoti et al. 2023), as compared with KL and other in-training
     defences against emergent misalignment by Kaczér et al. (arXiv 2508.06249).
 
-    A :class:`~em_lightning.callbacks.loss_term.LossTermCallback`: evaluated once per optimizer step inside
+    A :class:`~em_lightning.callbacks.loss_term.SideDataLossTerm`: evaluated once per optimizer step inside
     ``training_step``, weighted so the step's gradient is ``coefficient · ∇term`` whatever the accumulation; the
     features come from the module's ``block_activations`` (forward hooks on the decoder blocks), the base ones from
     the same model with the adapter disabled (no second copy), so the term costs one no-grad forward and one
@@ -104,22 +105,17 @@ class FeatureL2Regularizer(LossTermCallback):
     ):
         self.layers = None if layers is None else list(layers)
         self.layer_stride = layer_stride
-        super().__init__(coeff=coeff, warmup_steps=warmup_steps, every_n_steps=every_n_steps, name=name)
+        super().__init__(coeff, warmup_steps, every_n_steps, name, data=data, batch_size=batch_size,
+                         max_length=max_length, max_rows=max_rows, overlong_rows=overlong_rows, seed=seed)
         self.check(
             ("layers", layers is None or (len(layers) > 0 and all(isinstance(i, int) and i >= 0 for i in layers)),
              "must be a non-empty list of 0-based block indices, or null"),
             ("layer_stride", isinstance(layer_stride, int) and layer_stride >= 1, "must be an integer >= 1"),
         )
-        self.side = SideChatSet(data, batch_size, max_length, max_rows, overlong_rows, seed,
-                                owner="FeatureL2Regularizer")
         self._blocks: list[int] | None = None  # resolved against the model on the first call
 
     def settings(self) -> dict:
-        return {**super().settings(), "layers": self.layers, "layer_stride": self.layer_stride,
-                **self.side.settings()}
-
-    def prepare(self, trainer, pl_module) -> None:
-        self.side.prepare(pl_module.tokenizer)
+        return {**super().settings(), "layers": self.layers, "layer_stride": self.layer_stride}
 
     def release(self) -> None:
         self._blocks = None
@@ -138,14 +134,8 @@ class FeatureL2Regularizer(LossTermCallback):
                 self._blocks = sorted(set(self.layers))
         return self._blocks
 
-    def batch(self, step: int, rank: int = 0, world: int = 1, device=None) -> dict:
-        """The side batch this rank uses at optimizer ``step`` (off-cadence steps share the draw before them)."""
-        return self.side.batch(step // self.every_n_steps, rank, world, device)
-
     def raw(self, module, step: int) -> torch.Tensor:
-        trainer = module.trainer
-        batch = self.batch(step, trainer.global_rank, trainer.world_size, module.device)
-        total, per_layer, n = feature_l2_sums(module, batch, self.blocks(module))
+        total, per_layer, n = feature_l2_sums(module, self.step_batch(module, step), self.blocks(module))
         for layer, value in per_layer.items():
             module.log(f"train/{self.name}/block_{layer}", value / max(n, 1), on_step=True, on_epoch=False)
         return global_position_mean(module, total, n)

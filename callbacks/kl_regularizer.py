@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from em_lightning.callbacks.loss_term import LossTermCallback
-from em_lightning.side_data import SideChatSet, base_supervised_logits, global_position_mean
+from em_lightning.callbacks.loss_term import SideDataLossTerm
+from em_lightning.side_data import at_least_float32, base_supervised_logits, global_position_mean
 
 
 def kl_to_base(module, batch: dict) -> torch.Tensor:
@@ -26,8 +26,8 @@ def kl_to_base(module, batch: dict) -> torch.Tensor:
 
 def kl_to_base_sum(module, batch: dict) -> tuple[torch.Tensor, int]:
     """The sum over the supervised positions of ``batch`` of KL(p_base ‖ p_adapted), and their number."""
-    base = _at_least_float32(base_supervised_logits(module, batch))
-    adapted = _at_least_float32(module.supervised_logits(batch))
+    base = at_least_float32(base_supervised_logits(module, batch))
+    adapted = at_least_float32(module.supervised_logits(batch))
     n = adapted.shape[0]
     if n == 0:
         return adapted.sum() * 0.0, 0
@@ -37,16 +37,12 @@ def kl_to_base_sum(module, batch: dict) -> tuple[torch.Tensor, int]:
     return F.kl_div(log_q, log_p, log_target=True, reduction="sum"), n
 
 
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-class KLRegularizer(LossTermCallback):
+class KLRegularizer(SideDataLossTerm):
     """Adds ``coefficient(step) × KL(p_base ‖ p_adapted)`` to the training loss, the mean over the
     supervised (assistant) positions of a batch of a separate chat dataset: the KL-to-reference baseline that
     the spectral penalty is compared with.
 
-    A :class:`~em_lightning.callbacks.loss_term.LossTermCallback` (see ``callbacks/README.md``): evaluated once per
+    A :class:`~em_lightning.callbacks.loss_term.SideDataLossTerm` (see ``callbacks/README.md``): evaluated once per
     optimizer step inside ``training_step``, weighted so the step's gradient is ``coefficient · ∇KL`` whatever the
     accumulation, summed into the loss (precision plugins, DDP and FSDP treat it like the task loss). The base
     logits come from the same model with the adapter disabled (:func:`kl_to_base`), so the term costs one
@@ -91,27 +87,10 @@ class KLRegularizer(LossTermCallback):
         seed: int = 0,
         name: str = "kl_to_base",
     ):
-        super().__init__(coeff=coeff, warmup_steps=warmup_steps, every_n_steps=every_n_steps, name=name)
-        self.side = SideChatSet(data, batch_size, max_length, max_rows, overlong_rows, seed, owner="KLRegularizer")
-
-    def settings(self) -> dict:
-        return {**super().settings(), **self.side.settings()}
-
-    def prepare(self, trainer, pl_module) -> None:
-        self.side.prepare(pl_module.tokenizer)
-
-    def batch_rows(self, step: int, rank: int = 0, world: int = 1) -> list[int]:
-        """Indices of the side rows this rank uses at optimizer ``step`` (off-cadence steps map to the same
-        draw as the active step before them)."""
-        return self.side.batch_rows(step // self.every_n_steps, rank, world)
-
-    def batch(self, step: int, rank: int = 0, world: int = 1, device=None) -> dict:
-        """The padded batch of :meth:`batch_rows`, on ``device``."""
-        return self.side.collate(self.batch_rows(step, rank, world), device)
+        super().__init__(coeff, warmup_steps, every_n_steps, name, data=data, batch_size=batch_size,
+                         max_length=max_length, max_rows=max_rows, overlong_rows=overlong_rows, seed=seed)
 
     def raw(self, module, step: int) -> torch.Tensor:
         """The raw, differentiable KL at optimizer ``step``, the mean over every rank's positions of the step's
         rows (the module weights and logs it)."""
-        trainer = module.trainer
-        batch = self.batch(step, trainer.global_rank, trainer.world_size, module.device)
-        return global_position_mean(module, *kl_to_base_sum(module, batch))
+        return global_position_mean(module, *kl_to_base_sum(module, self.step_batch(module, step)))

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 
 from em_lightning.errors import InputError
+from em_lightning.side_data import SideChatSet
 
 
 class LossTermCallback(L.Callback, ABC):
@@ -131,4 +132,39 @@ class LossTermCallback(L.Callback, ABC):
                 )
 
 
-__all__ = ["LossTermCallback"]
+class SideDataLossTerm(LossTermCallback):
+    """A loss term evaluated on batches of its own chat set (KL to base, feature-space L2): the
+    :class:`~em_lightning.side_data.SideChatSet` (``self.side``), its settings in the resume check, its tokenisation
+    in ``prepare``, and the batch of a step (off-cadence steps share the draw of the active step before them).
+
+    Args: ``coeff``, ``warmup_steps``, ``every_n_steps``, ``name`` as :class:`LossTermCallback`; the rest as
+    :class:`~em_lightning.side_data.SideChatSet` (errors name ``<Class>.<key>``).
+    """
+
+    def __init__(self, coeff: float, warmup_steps: int, every_n_steps: int, name: str | None, *, data: str,
+                 batch_size: int, max_length: int, max_rows: int | None, overlong_rows: str, seed: int):
+        super().__init__(coeff=coeff, warmup_steps=warmup_steps, every_n_steps=every_n_steps, name=name)
+        self.side = SideChatSet(data, batch_size, max_length, max_rows, overlong_rows, seed,
+                                owner=type(self).__name__)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), **self.side.settings()}
+
+    def prepare(self, trainer, pl_module) -> None:
+        self.side.prepare(pl_module.tokenizer)
+
+    def batch_rows(self, step: int, rank: int = 0, world: int = 1) -> list[int]:
+        """Indices of the side rows this rank uses at optimizer ``step``."""
+        return self.side.batch_rows(step // self.every_n_steps, rank, world)
+
+    def batch(self, step: int, rank: int = 0, world: int = 1, device=None) -> dict:
+        """The padded batch of :meth:`batch_rows`, on ``device``."""
+        return self.side.collate(self.batch_rows(step, rank, world), device)
+
+    def step_batch(self, module, step: int) -> dict:
+        """This rank's side batch at ``step``, on the module's device."""
+        trainer = module.trainer
+        return self.batch(step, trainer.global_rank, trainer.world_size, module.device)
+
+
+__all__ = ["LossTermCallback", "SideDataLossTerm"]

@@ -115,6 +115,11 @@ def global_position_mean(module, local_sum: torch.Tensor, local_count: int) -> t
     return (world * local_sum + others) / totals[1].clamp(min=1).to(local_sum.dtype)
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or its own dtype when wider: loss terms reduce in float32 whatever the training precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def supervised_mask(batch: dict) -> torch.Tensor:
     """``[rows, seq - 1]``: the positions whose next token is supervised, as :func:`em_lightning.loss.supervised_logits`
     orders them (a hidden state at position t predicts token t + 1)."""
@@ -134,5 +139,5 @@ def base_block_activations(module, batch: dict, layers: Sequence[int]) -> dict[i
         return module.block_activations(batch, layers, adapter=False)
 
 
-__all__ = ["SideChatSet", "base_block_activations", "base_supervised_logits", "global_position_mean",
+__all__ = ["SideChatSet", "at_least_float32", "base_block_activations", "base_supervised_logits", "global_position_mean",
            "supervised_mask"]
