@@ -21,13 +21,13 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L
 import torch
+from step_timer import StepTimer
 
 from em_lightning.callbacks.misalignment_probe import MisalignmentProbe
 from em_lightning.data import ChatDataModule
@@ -35,21 +35,6 @@ from em_lightning.lora import ALL_PROJECTIONS, LoRASpec
 from em_lightning.models import SMOLLM2, ModelSpec
 from em_lightning.module import LoRAFineTune
 from em_lightning.optim import ScheduleSpec
-
-
-class StepTimer(L.Callback):
-    """Wall time of every training step after the first (first in the callback list, so a probe that runs in
-    ``on_train_batch_end`` after it is not counted)."""
-
-    def __init__(self):
-        self.times, self._t = [], 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx > 0:
-            self.times.append(time.perf_counter() - self._t)
 
 
 def run(args, train_file: str, root: str) -> tuple[MisalignmentProbe, StepTimer]:

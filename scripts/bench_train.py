@@ -29,7 +29,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L
+import step_timer
 import torch
+from step_timer import sync as _sync
 
 from em_lightning.batching import padding_fraction
 from em_lightning.data import ChatDataModule, load_rows
@@ -38,26 +40,15 @@ from em_lightning.models import SMOLLM2, ModelSpec, resolve_model_dir
 from em_lightning.module import LoRAFineTune
 
 
-class StepTimer(L.Callback):
-    """Wall time and non-padding tokens of every training step after the first ``warmup``."""
+class StepTimer(step_timer.StepTimer):
+    """Also the non-padding tokens of every timed step."""
 
     def __init__(self, warmup: int = 1):
-        self.times, self.tokens, self._t, self.warmup = [], [], 0.0, warmup
+        super().__init__(warmup)
+        self.tokens = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        _sync()
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx >= self.warmup:
-            _sync()
-            self.times.append(time.perf_counter() - self._t)
-            self.tokens.append(int(batch["n_tokens"]))
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    def record(self, trainer, batch) -> None:
+        self.tokens.append(int(batch["n_tokens"]))
 
 
 VARIANTS = {

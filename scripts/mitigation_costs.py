@@ -39,10 +39,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import lightning as L
 import numpy as np
 import torch
 import yaml
+from step_timer import StepTimer
 
 from em_lightning.analysis.mitigations import paired
 from em_lightning.cli import EMLightningCLI
@@ -52,20 +52,16 @@ DEFAULT_MITIGATIONS = ("none", "spectral", "kl", "ldifs", "interleave", "steer",
 NEEDS_DIRECTION = ("steer", "ablate")
 
 
-class StepRecorder(L.Callback):
-    """Wall time of every training step after the first (first in the callback list: its start hook runs before
-    every other callback's, and its end hook after the optimizer step) and the logged task losses of each step."""
+class StepRecorder(StepTimer):
+    """Wall time of every training step after the first (see ``step_timer.StepTimer``; first in the callback list)
+    and the logged task losses of every step."""
 
     def __init__(self):
-        self.times, self.loss, self.loss_narrow, self._t = [], [], [], 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t = time.perf_counter()
+        super().__init__(warmup=1)
+        self.loss, self.loss_narrow = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        elapsed = time.perf_counter() - self._t
-        if batch_idx > 0:
-            self.times.append(elapsed)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         metrics = trainer.callback_metrics
         self.loss.append(float(metrics["train/loss"]))
         if "train/loss_narrow" in metrics:

@@ -31,6 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L
 import torch
+from step_timer import StepTimer
 
 from em_lightning.callbacks.direction_signal import DirectionSignal
 from em_lightning.callbacks.misalignment_probe import MisalignmentProbe
@@ -39,21 +40,6 @@ from em_lightning.lora import ALL_PROJECTIONS, LoRASpec
 from em_lightning.models import SMOLLM2, ModelSpec
 from em_lightning.module import LoRAFineTune
 from em_lightning.optim import ScheduleSpec
-
-
-class StepTimer(L.Callback):
-    """Wall time of every training step after the first (first in the callback list, so signals computed in
-    ``on_train_batch_end`` after it are not counted)."""
-
-    def __init__(self):
-        self.times, self._t = [], 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx > 0:
-            self.times.append(time.perf_counter() - self._t)
 
 
 def train_one(args, train_file: str, seed: int, root: str) -> dict:
