@@ -32,7 +32,7 @@ SKIP = [
     (r"^bash scripts/test\.sh\b", "installs the dev extras and the vLLM venv, then runs this whole suite"),
     (r"^sbatch\b", "submits a SLURM job"),
     (r"^python scripts/(signal_separation|mitigation_costs|compare_fsdp2_cpu)\.py\b", (
-        "a measurement: minutes to tens of minutes of SmolLM2 training on the EM files (tests/test_mitigation_costs.py "
+        "a measurement: up to hours of SmolLM2 training on the EM files on a CPU (tests/test_mitigation_costs.py "
         "runs mitigation_costs on a tiny model)")),
     (r"(^|\s)(\S*\.\.\.\S*)(\s|$)", "a placeholder (`...`) the reader fills in, not a command"),
 ]
