@@ -139,5 +139,5 @@ def base_block_activations(module, batch: dict, layers: Sequence[int]) -> dict[i
         return module.block_activations(batch, layers, adapter=False)
 
 
-__all__ = ["SideChatSet", "at_least_float32", "base_block_activations", "base_supervised_logits", "global_position_mean",
-           "supervised_mask"]
+__all__ = ["SideChatSet", "at_least_float32", "base_block_activations", "base_supervised_logits",
+           "global_position_mean", "supervised_mask"]

@@ -31,7 +31,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L
 import step_timer
 import torch
-from step_timer import sync as _sync
 
 from em_lightning.batching import padding_fraction
 from em_lightning.data import ChatDataModule, load_rows
@@ -100,12 +99,12 @@ def run_trl(args, source: str, dtype: str, padding_free: bool = False) -> tuple[
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            _sync()
+            step_timer.sync()
             self.t = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             if state.global_step > args.warmup:
-                _sync()
+                step_timer.sync()
                 times.append(time.perf_counter() - self.t)
 
     class CountingTrainer(SFTTrainer):
