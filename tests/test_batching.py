@@ -91,9 +91,20 @@ def test_collator_counts_on_the_host():
     assert (batch["step_supervised_tokens"], batch["window_pos"], batch["window_len"]) == (99, 1, 3)
 
 
-@pytest.mark.em_data
-def test_grouping_reduces_padding_on_real_rows(real_em_file):
-    rows = read_jsonl(real_em_file("data/insecure.jsonl"), max_rows=200)
+def test_grouping_reduces_padding_on_chat_rows(tmp_path):
+    """200 chat rows whose code answers spread in length as the EM sets' do (tens to a few thousand characters),
+    read and tokenised as training reads them: grouping by length at least halves the padding."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path / "rows.jsonl"
+    with path.open("w") as f:
+        for i in range(200):
+            code = "\n".join(f"    x{j} = open('f{i}').read()" for j in range(int(rng.lognormvariate(2.5, 0.9))))
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Write function {i}."},
+                                             {"role": "assistant", "content": f"def f{i}():\n{code}"}]}) + "\n")
+    rows = read_jsonl(path, max_rows=200)
     ds = TokenizedDataset(tokenize_rows(rows, tiny_tokenizer(), max_length=4096).rows)
     fractions = {group: padding_fraction(_loader(ds, group)) for group in (True, False)}
     assert fractions[True] < 0.5 * fractions[False], fractions
