@@ -167,6 +167,20 @@ def test_pareto_figure_plots_each_em_run_and_links_pairs():
     assert ax.get_ylabel() == "misalignment rate (judge)"
 
 
+def test_one_optimiser_sweep_pairs_and_draws_the_pareto_figure():
+    """A sweep with one optimiser has no optimiser factor (one level): pairs still share it and the figure draws
+    (before, the pairs held optimizer_mit / optimizer_none only and the figure failed with KeyError 'optimizer')."""
+    table = planted()
+    table = table[table["optimizer"] == "adamw"]
+    final = _final(table)
+    factors = ["dataset", "mitigation"]
+    p = mitigations.pairs(final, factors)
+    assert len(p) == 2 * 2 * 3 and (p["optimizer"] == "adamw").all()
+    fig = mitigations.draw_pareto(final, "misalignment_rate", factors)
+    links = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == 2]
+    assert len(links) == 2 * 3  # the insecure runs' pairs; the benign set is not drawn
+
+
 def test_analyze_writes_the_section_and_the_figure(tmp_path):
     from em_lightning.analysis.cli import main as analyze
 

@@ -71,9 +71,12 @@ def with_start_values(final: pd.DataFrame, table: pd.DataFrame, columns: list[st
 
 
 def pairs(final: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
-    """Each mitigated run beside its unmitigated twin (suffixes ``_mit`` / ``_none``)."""
-    seeds = [c for c in SEEDS if c in final and c not in factors]  # a pair shares its seeds
-    keys = [f for f in [*factors, *seeds] if f != AXIS and f in final]
+    """Each mitigated run beside its unmitigated twin (suffixes ``_mit`` / ``_none``).
+
+    A pair shares its factors, seeds, optimiser and dataset: the last two are keys even where the sweep holds one
+    of each (they are then not factors), so the pairs carry one ``optimizer`` / ``dataset`` column either way."""
+    seeds = [c for c in SEEDS if c in final and c not in factors]
+    keys = [f for f in dict.fromkeys([*factors, *seeds, "optimizer", "dataset"]) if f != AXIS and f in final]
     d = final.assign(**{f: levels(final[f]) for f in [*keys, AXIS]})
     none = d[d[AXIS] == NONE]
     mitigated = d[d[AXIS] != NONE]
