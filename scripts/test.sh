@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev --vllm
 export OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false
 export EM_VLLM_PYTHON="$PWD/.venv-vllm/bin/python"
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=25 "$@"

@@ -211,4 +211,5 @@ def _environment_as_the_session_started():
 def child_environment(**extra: str) -> dict[str, str]:
     """os.environ for a subprocess that launches its own ranks: without what an earlier in-process run left."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
-    return {**env, **extra}
+    # A native crash (SIGSEGV) in a child then prints every thread's Python stack instead of nothing.
+    return {**env, "PYTHONFAULTHANDLER": "1", **extra}

