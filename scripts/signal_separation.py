@@ -34,6 +34,7 @@ import lightning as L
 import torch
 from step_timer import StepTimer
 
+from em_lightning.analysis.stats import few_seeds_caveat
 from em_lightning.callbacks.direction_signal import DirectionSignal
 from em_lightning.callbacks.misalignment_probe import MisalignmentProbe
 from em_lightning.data import ChatDataModule
@@ -104,9 +105,9 @@ def report(results: dict[tuple[str, int], dict], sets: list[str], reps: int) -> 
         print(f"  {name:48s} {diff:+.5f} [{lo:+.5f}, {hi:+.5f}]  n={len(a)}/{len(b)}  ({verdict})")
         print(f"  {'':48s} {em}: " + ", ".join(f"{x:+.5f}" for x in a) + f"; {control}: "
               + ", ".join(f"{x:+.5f}" for x in b))
-    if min(len(a), len(b)) < 5:
-        print("  (fewer than 5 seeds a side: the percentile bootstrap has few distinct resamples and tends to be too "
-              "narrow; read an interval that only just excludes 0 as weak evidence)")
+    caveat = few_seeds_caveat(min(len(a), len(b)))
+    if caveat:
+        print(f"  ({caveat})")
 
 
 def cost(results: dict) -> None:

@@ -1288,6 +1288,7 @@ def test_direction_signal_is_read_and_analysed_without_a_ratio(tmp_path):
     assert report.index("## Does the signal see EM at all?") < report.index("## Runs")
     assert "direction_shift separates EM from its control at 4 of 4" in report
     assert "direction_shift_answers does NOT separate" in report
+    assert "Only 4 seed(s) a side" in report  # 4 seeds a side: the bootstrap's intervals are flagged too narrow
 
 
 # ============================================================================ issue 17.5: mitigations

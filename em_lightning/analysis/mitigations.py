@@ -29,7 +29,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from em_lightning.analysis.stats import _interval, levels, quiet
+from em_lightning.analysis.stats import _interval, few_seeds_caveat, levels, quiet
 from em_lightning.analysis.validation import CONTROLS, signal_columns
 
 NONE = "none"
@@ -244,7 +244,11 @@ def report_lines(m: dict | None) -> list[str]:
         row["pairs"] = (r.get("val_loss") or r.get("train_loss_cost") or {}).get("n_pairs", 0)
         rows.append(row)
     cols = list(dict.fromkeys(k for row in rows for k in row))
-    return lines + _table(rows, cols) + [""]
+    lines += _table(rows, cols) + [""]
+    fewest = min((v["n_pairs"] for r in m["rows"] for v in r.values() if isinstance(v, dict) and "n_pairs" in v),
+                 default=0)
+    caveat = few_seeds_caveat(fewest)
+    return lines + ([f"*{caveat}*", ""] if caveat else [])
 
 
 # ------------------------------------------------------------------------------------------------ figure

@@ -20,6 +20,7 @@ from em_lightning.analysis.stats import (
     anova,
     as_levels,
     factors_of,
+    few_seeds_caveat,
     final_rows,
     loss_models,
     optimizer_ratio,
@@ -456,6 +457,9 @@ def _section_validation(s: dict) -> list[str]:
     ]
     rows = v["differences"]
     lines += _table(rows, list(rows[0])) + [""]
+    caveat = few_seeds_caveat(min((min(r["n_em"], r["n_control"]) for r in rows), default=0))
+    if caveat:
+        lines += [f"*{caveat}*", ""]
     if v["correlations"]:
         lines += ["Correlation between signals across runs (Spearman):", ""]
         lines += _table(v["correlations"], ["signals", "n_runs", "spearman"]) + [""]

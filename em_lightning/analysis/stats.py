@@ -500,6 +500,19 @@ def along_training(
     return pd.DataFrame(rows, columns=cols)
 
 
+FEW_SEEDS = 5
+
+
+def few_seeds_caveat(n: int) -> str | None:
+    """The warning a seed-bootstrap interval needs when it rests on fewer than ``FEW_SEEDS`` seeds (or seed
+    pairs) a side: n seeds have at most C(2n−1, n) distinct resamples (10 for 3, 3 for 2), so the percentile
+    interval is too narrow. None when there are enough."""
+    if n >= FEW_SEEDS:
+        return None
+    return (f"Only {n} seed(s) a side under some interval: a percentile bootstrap over so few has few distinct "
+            "resamples and tends to be too narrow; read an interval that only just excludes 0 as weak evidence.")
+
+
 def _interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     ok = draws[np.isfinite(draws)]
     if len(ok) < 0.9 * len(draws) or not len(ok):  # most resamples could not fit: no honest interval
