@@ -37,7 +37,7 @@ AXIS = "mitigation"
 RATE_COLUMNS = ("misalignment_rate", "probe_misaligned_prob")
 NARROW_LOSS = "narrow_train_loss"  # the per-run training loss on narrow rows that (c) compares
 SEEDS = ("seed", "data_seed")
-MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p")  # one per mitigation (a sweep has ~7)
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "h", "<", ">", "p", "d")  # one per mitigation (no "*": too small)
 
 
 def is_rate(column: str) -> bool:
