@@ -105,7 +105,7 @@ def report(results: dict[tuple[str, int], dict], sets: list[str], reps: int) -> 
         print(f"  {name:48s} {diff:+.5f} [{lo:+.5f}, {hi:+.5f}]  n={len(a)}/{len(b)}  ({verdict})")
         print(f"  {'':48s} {em}: " + ", ".join(f"{x:+.5f}" for x in a) + f"; {control}: "
               + ", ".join(f"{x:+.5f}" for x in b))
-    caveat = few_seeds_caveat(min(len(a), len(b)))
+    caveat = few_seeds_caveat([min(len(a), len(b))])
     if caveat:
         print(f"  ({caveat})")
 

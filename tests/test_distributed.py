@@ -214,8 +214,8 @@ def _tied_args(tmp: Path) -> list[str]:
     """tiny-qwen3-tied (LM head = embedding: under FSDP2 the module takes the full forward), 3 steps, with the
     spectral penalty, the probe every step, the KL term, the direction signal every step, preventative steering
     (block 1) and direction ablation (block 0), both hooks on during training steps only. The KL rows are one chat
-    repeated, so each rank's per-position mean (the term averages over its own rows; DDP/FSDP average the ranks) equals the one-process
-    mean and the logged value (rank zero's) can be compared exactly."""
+    repeated, so each rank's per-position mean (the term averages over its own rows; DDP/FSDP average the ranks)
+    equals the one-process mean and the logged value (rank zero's) can be compared exactly."""
     kl_rows = tmp / "kl_rows.jsonl"
     row = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue, like the sea."}]}
     kl_rows.write_text((json.dumps(row) + "\n") * 8)
@@ -264,10 +264,10 @@ def test_probe_kl_penalty_and_direction_with_tied_embeddings_give_the_one_proces
 ):
     """2 processes x batch 4 = 1 process x batch 8 with the tied tiny model and the probe, KL, spectral penalty,
     direction signal, steering and ablation on: the same adapter, train/loss, train/kl_to_base, probe.jsonl and
-    direction.jsonl (every step; the direction computed at the start on every rank, 0 at step 0). Before the module owned the
-    forward path, the probe and KL called the decoder and the LM head separately, which FSDP2 cannot do with a
-    tied head (the root unit gathers it); and the probe asked for trainer.log_dir on rank zero alone, a broadcast
-    the other ranks never joined (the run hung or failed: the _fit timeout)."""
+    direction.jsonl (every step; the direction computed at the start on every rank, 0 at step 0). Before the
+    module owned the forward path, the probe and KL called the decoder and the LM head separately, which FSDP2
+    cannot do with a tied head (the root unit gathers it); and the probe asked for trainer.log_dir on rank zero
+    alone, a broadcast the other ranks never joined (the run hung or failed: the _fit timeout)."""
     # Four callbacks forward every step: more time than the other runs (a hang never finishes at all).
     two = _fit(tmp_path, strategy, *_tied_args(tmp_path), "--data.batch_size", "4", devices=2, strategy=strategy,
                timeout=2 * TIMEOUT_S)

@@ -221,13 +221,15 @@ def test_nothing_to_reduce_is_no_number_not_a_ratio():
 
 
 def test_the_report_warns_when_its_intervals_rest_on_fewer_than_five_seed_pairs():
-    """3 seed pairs: the section says the intervals are too narrow; 5 pairs: it does not."""
+    """3 seed pairs: the section says the intervals are too narrow; 5 pairs: it does not, nor does a row of one
+    pair beside them (one pair has no interval to warn about)."""
     _, out = _rows(n_boot=300)
     section = "\n".join(mitigations.report_lines(out))
     assert "Only 3 seed(s) a side" in section and "too narrow" in section
     rng = np.random.default_rng(0)
     five = mitigations.paired(np.arange(5.0) + 0.1, np.arange(5.0), rng, 300)
+    one = mitigations.paired(np.array([0.1]), np.array([0.0]), rng, 300)
     row = {"mitigation": "kl", "optimizer": "adamw", "dataset": "insecure", "role": "narrow task",
-           "probe_log_odds": five, "val_loss": five}
+           "probe_log_odds": five, "val_loss": five, "coherence": one}
     lines = mitigations.report_lines({"rows": [row], "signals": ["probe_log_odds"], "settings": ["optimizer", "dataset"]})
-    assert five["n_pairs"] == 5 and not any("too narrow" in line for line in lines)
+    assert five["n_pairs"] == 5 and one["n_pairs"] == 1 and not any("too narrow" in line for line in lines)

@@ -245,9 +245,8 @@ def report_lines(m: dict | None) -> list[str]:
         rows.append(row)
     cols = list(dict.fromkeys(k for row in rows for k in row))
     lines += _table(rows, cols) + [""]
-    fewest = min((v["n_pairs"] for r in m["rows"] for v in r.values() if isinstance(v, dict) and "n_pairs" in v),
-                 default=0)
-    caveat = few_seeds_caveat(fewest)
+    counts = (v["n_pairs"] for r in m["rows"] for v in r.values() if isinstance(v, dict) and "n_pairs" in v)
+    caveat = few_seeds_caveat(counts)
     return lines + ([f"*{caveat}*", ""] if caveat else [])
 
 

@@ -457,7 +457,7 @@ def _section_validation(s: dict) -> list[str]:
     ]
     rows = v["differences"]
     lines += _table(rows, list(rows[0])) + [""]
-    caveat = few_seeds_caveat(min((min(r["n_em"], r["n_control"]) for r in rows), default=0))
+    caveat = few_seeds_caveat(min(r["n_em"], r["n_control"]) for r in rows)
     if caveat:
         lines += [f"*{caveat}*", ""]
     if v["correlations"]:

@@ -503,10 +503,12 @@ def along_training(
 FEW_SEEDS = 5
 
 
-def few_seeds_caveat(n: int) -> str | None:
-    """The warning a seed-bootstrap interval needs when it rests on fewer than ``FEW_SEEDS`` seeds (or seed
-    pairs) a side: n seeds have at most C(2n−1, n) distinct resamples (10 for 3, 3 for 2), so the percentile
-    interval is too narrow. None when there are enough."""
+def few_seeds_caveat(counts) -> str | None:
+    """The warning a table of seed-bootstrap intervals needs when one rests on fewer than ``FEW_SEEDS`` seeds (or
+    seed pairs) a side: n seeds have at most C(2n−1, n) distinct resamples (10 for 3, 3 for 2), so the percentile
+    interval is too narrow. ``counts``: the seeds a side behind each row; rows of 0 or 1 have no interval and do
+    not count. None when every interval has enough."""
+    n = min((c for c in counts if c > 1), default=FEW_SEEDS)
     if n >= FEW_SEEDS:
         return None
     return (f"Only {n} seed(s) a side under some interval: a percentile bootstrap over so few has few distinct "
